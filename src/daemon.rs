@@ -1,0 +1,235 @@
+//! Running a mount: in the foreground, or detached the way mount programs must be (the caller
+//! gets its exit status once the mount is live, and no inherited stdio stays open).
+//!
+//! Detaching re-executes this binary with `-f` and the `STRATAFS_NOTIFY` variable set; the child
+//! reports on its stdout (a pipe to the parent) either `ready` or the error line, then points
+//! stdout at /dev/null. No fork after threads exist.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::options::MountPlan;
+use crate::overlay::{FsConfig, OverlayFs};
+use crate::sys;
+
+const NOTIFY_ENV: &str = "STRATAFS_NOTIFY";
+
+/// How the daemon runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunMode {
+    pub foreground: bool,
+    pub debug: bool,
+}
+
+/// Mounts `plan`. Detached (the default), returns once the mount is live; in the foreground,
+/// returns when it is unmounted.
+pub fn run(plan: &MountPlan, mode: RunMode, argv: &[OsString]) -> Result<()> {
+    if !mode.foreground {
+        return spawn_detached(argv);
+    }
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    if notify {
+        // SAFETY-free: setsid fails only if we already lead a group, which is harmless.
+        let _ = sys::setsid();
+    }
+    match serve(plan, mode, notify) {
+        Ok(()) => Ok(()),
+        Err(e) if notify => {
+            // The parent prints it; our stderr is closed.
+            let _ = writeln!(io::stdout(), "error: {e:#}");
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn spawn_detached(argv: &[OsString]) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the stratafs binary")?;
+    let mut child = Command::new(exe)
+        .args(&argv[1..])
+        .arg("-f")
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the stratafs daemon")?;
+    let out = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(out).lines();
+    let mut errors = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap_or_default();
+        if line == "ready" {
+            return Ok(());
+        }
+        if let Some(w) = line.strip_prefix("warning: ") {
+            eprintln!("stratafs: warning: {w}");
+        } else {
+            errors.push(line);
+        }
+    }
+    let status = child.wait()?;
+    let msg = errors
+        .iter()
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if msg.is_empty() {
+        Err(anyhow!("the daemon exited before the mount was live ({status})"))
+    } else {
+        Err(anyhow!(msg))
+    }
+}
+
+fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
+    let o = &plan.options;
+    for w in &o.ignored {
+        let line = format!("warning: option '{w}' is accepted but not applied yet");
+        if notify {
+            println!("{line}");
+        } else {
+            eprintln!("stratafs: {line}");
+        }
+    }
+    // Modes of new objects come from the caller's request, not from our umask.
+    sys::set_umask(0);
+    let _ = sys::raise_nofile_limit();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 16);
+    let cfg = FsConfig {
+        lowers: plan.lowers.clone(),
+        upper: if o.read_only { None } else { plan.upper.clone() },
+        work: if o.read_only { None } else { plan.work.clone() },
+        ttl: Duration::from_secs(1),
+        threads,
+    };
+    let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
+    let root = sys::geteuid() == 0;
+    let mut mount_options = vec![
+        MountOption::FSName(
+            o.fsname
+                .clone()
+                .unwrap_or_else(|| "stratafs".to_string()),
+        ),
+        MountOption::Subtype(o.subtype.clone().unwrap_or_else(|| "stratafs".to_string())),
+        MountOption::DefaultPermissions,
+    ];
+    if o.read_only || plan.upper.is_none() {
+        mount_options.push(MountOption::RO);
+    }
+    for (on, opt) in [
+        (o.nodev, MountOption::NoDev),
+        (o.nosuid, MountOption::NoSuid),
+        (o.noexec, MountOption::NoExec),
+        (o.noatime, MountOption::NoAtime),
+        (o.sync, MountOption::Sync),
+        (o.dirsync, MountOption::DirSync),
+    ] {
+        if on {
+            mount_options.push(opt);
+        }
+    }
+    if root && !o.nodev {
+        mount_options.push(MountOption::Dev);
+    }
+    if root && !o.nosuid {
+        mount_options.push(MountOption::Suid);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    // As root the mount serves every user, as the kernel's overlayfs does; otherwise only
+    // when asked.
+    config.acl = if o.allow_other || root {
+        SessionACL::All
+    } else if o.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    if mode.debug {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(io::stderr)
+            .try_init();
+    }
+    // Signals are waited for by one thread; block them before any thread starts.
+    sys::block_termination_signals()?;
+    let mnt = plan.mountpoint.clone();
+    let (session, mut unmount): (_, Box<dyn FnMut() + Send>) = if root {
+        // Our own mount(2): the mount shows as fuse.SUBTYPE, and nothing at exit unmounts
+        // whatever a later mount put at the same path.
+        let fstype = format!("fuse.{}", o.subtype.as_deref().unwrap_or("stratafs"));
+        let source = o.fsname.clone().unwrap_or_else(|| "stratafs".to_string());
+        let mut data = String::from("default_permissions");
+        if !matches!(config.acl, SessionACL::Owner) {
+            data.push_str(",allow_other");
+        }
+        let flags = sys::MountFlags {
+            read_only: o.read_only || plan.upper.is_none(),
+            nosuid: o.nosuid,
+            nodev: o.nodev,
+            noexec: o.noexec,
+            noatime: o.noatime,
+            sync: o.sync,
+            dirsync: o.dirsync,
+        };
+        let dev = sys::mount_fuse(
+            OsStr::new(&source),
+            mnt.as_os_str(),
+            &fstype,
+            flags,
+            &data,
+        )
+        .with_context(|| format!("cannot mount on '{}'", mnt.display()))?;
+        let session = match fuser::Session::from_fd(fs, dev, config.acl, config.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = sys::umount(mnt.as_os_str(), true);
+                return Err(e).context("FUSE handshake failed");
+            }
+        };
+        let m = mnt.clone();
+        (
+            session,
+            Box::new(move || {
+                if sys::umount(m.as_os_str(), false).is_err() {
+                    let _ = sys::umount(m.as_os_str(), true);
+                }
+            }),
+        )
+    } else {
+        let mut session = fuser::Session::new(fs, &mnt, &config)
+            .with_context(|| format!("cannot mount on '{}'", mnt.display()))?;
+        let mut unmounter = session.unmount_callable();
+        (
+            session,
+            Box::new(move || {
+                let _ = unmounter.unmount();
+            }),
+        )
+    };
+    if notify {
+        println!("ready");
+        let _ = io::stdout().flush();
+        let devnull = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        sys::dup2(devnull.as_fd(), 1)?;
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            sys::wait_termination_signal();
+            unmount();
+        })?;
+    session.run().context("FUSE session failed")?;
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! Copy-up: bringing a lower object into the upper layer before it is changed.
+//!
+//! The copy is built under a temporary name in the work directory (same filesystem as the
+//! upper) and renamed into place as the last step, so the upper layer only ever holds the old
+//! state (nothing) or the complete copy. Parents are copied first. Data goes by FICLONE, then
+//! copy_file_range over the data extents only (holes stay holes), then read/write.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use super::inode::Node;
+use super::{OverlayFs, errno, is_dir, layer};
+use crate::sys::{self, SetTime};
+
+impl OverlayFs {
+    /// Makes sure `node` exists in the upper layer and returns its upper fd. `with_data` false
+    /// copies metadata only (an `O_TRUNC` open or a truncate to 0 needs no data).
+    pub(super) fn copy_up(&self, node: &Arc<Node>, with_data: bool) -> io::Result<Arc<OwnedFd>> {
+        if let Some(fd) = node.state.read().upper.clone() {
+            return Ok(fd);
+        }
+        self.work()?;
+        let _guard = node.copy_lock.lock();
+        let (parent, name, src) = {
+            let s = node.state.read();
+            if let Some(fd) = s.upper.clone() {
+                return Ok(fd);
+            }
+            if s.unlinked {
+                // Its name is gone: a copy would bring a deleted file back.
+                return Err(errno(libc::ENOENT));
+            }
+            let parent = s.parent.clone().ok_or_else(|| errno(libc::ESTALE))?;
+            let src = s.lowers.first().map(|l| l.fd.clone());
+            (parent, s.name.clone(), src.ok_or_else(|| errno(libc::ESTALE))?)
+        };
+        let pupper = self.copy_up(&parent, true)?;
+        let fd = self.copy_up_obj(pupper.as_fd(), &name, src.as_fd(), with_data, node.st_ino)?;
+        node.state.write().upper = Some(fd.clone());
+        Ok(fd)
+    }
+
+    /// Copies the lower object `src` to `pupper/name` and returns an fd of the copy. The caller
+    /// guarantees the name is free in the upper directory.
+    pub(super) fn copy_up_obj(
+        &self,
+        pupper: BorrowedFd<'_>,
+        name: &OsStr,
+        src: BorrowedFd<'_>,
+        with_data: bool,
+        st_ino: u64,
+    ) -> io::Result<Arc<OwnedFd>> {
+        let work = self.work()?;
+        let st = sys::fstat(src)?;
+        let tmp = self.tmp_name();
+        let built = self
+            .build_copy(work, &tmp, src, &st, with_data)
+            .and_then(|()| sys::renameat2(work, &tmp, pupper, name, sys::RENAME_NOREPLACE));
+        if let Err(e) = built {
+            let _ = super::dir::remove_entry(work, &tmp);
+            return Err(e);
+        }
+        let flags = if is_dir(&st) {
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        } else {
+            libc::O_PATH | libc::O_NOFOLLOW
+        };
+        let fd = sys::openat(pupper, name, flags, 0)?;
+        let ust = sys::fstat(fd.as_fd())?;
+        self.copied.insert(ust.st_ino, st_ino);
+        Ok(Arc::new(fd))
+    }
+
+    fn build_copy(
+        &self,
+        work: BorrowedFd<'_>,
+        tmp: &OsStr,
+        src: BorrowedFd<'_>,
+        st: &sys::Stat,
+        with_data: bool,
+    ) -> io::Result<()> {
+        let fmt = st.st_mode & libc::S_IFMT;
+        let dst = match fmt {
+            libc::S_IFDIR => {
+                sys::mkdirat(work, tmp, 0o700)?;
+                sys::openat(
+                    work,
+                    tmp,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?
+            }
+            libc::S_IFREG => {
+                let dst = sys::openat(
+                    work,
+                    tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    0o600,
+                )?;
+                if with_data && st.st_size > 0 {
+                    let input = sys::reopen(src, libc::O_RDONLY)?;
+                    copy_data(input.as_fd(), dst.as_fd(), st.st_size)?;
+                }
+                dst
+            }
+            libc::S_IFLNK => {
+                let target = sys::readlink_fd(src)?;
+                sys::symlinkat(&target, work, tmp)?;
+                sys::openat(work, tmp, libc::O_PATH | libc::O_NOFOLLOW, 0)?
+            }
+            _ => {
+                sys::mknodat(work, tmp, fmt | 0o600, st.st_rdev)?;
+                sys::openat(work, tmp, libc::O_PATH | libc::O_NOFOLLOW, 0)?
+            }
+        };
+        copy_meta(src, dst.as_fd(), st)
+    }
+}
+
+/// Owner, xattrs (ACLs and capabilities included), mode and times, in the order that keeps each
+/// one: chown first (it clears set-id bits and capabilities), times last.
+pub(super) fn copy_meta(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, st: &sys::Stat) -> io::Result<()> {
+    let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+    sys::fchown(dst, Some(st.st_uid), Some(st.st_gid))?;
+    for name in sys::list_xattr(src)? {
+        if layer::is_private_xattr(&name) {
+            continue;
+        }
+        if let Some(value) = sys::get_xattr(src, &name)? {
+            match sys::set_xattr(dst, &name, &value, 0) {
+                Ok(()) => {}
+                // The upper filesystem cannot hold this xattr at all: the kernel's overlayfs
+                // skips it too rather than fail the copy-up.
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if symlink && e.raw_os_error() == Some(libc::EPERM) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if !symlink {
+        sys::chmod_fd(dst, st.st_mode & 0o7777)?;
+    }
+    sys::utimens_fd(
+        dst,
+        SetTime::At(st.st_atime, st.st_atime_nsec),
+        SetTime::At(st.st_mtime, st.st_mtime_nsec),
+    )
+}
+
+/// Copies `size` bytes, keeping holes: reflink if the filesystem can, else only the data extents.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: i64) -> io::Result<()> {
+    if sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut off = 0i64;
+    while off < size {
+        let data = match sys::lseek(src, off, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                copy_range(src, dst, off, size)?;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let hole = sys::lseek(src, data, libc::SEEK_HOLE)?.min(size);
+        copy_range(src, dst, data, hole)?;
+        off = hole;
+    }
+    sys::ftruncate(dst, size as u64)
+}
+
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, end: i64) -> io::Result<()> {
+    let mut off_in = start;
+    let mut off_out = start;
+    while off_in < end {
+        let len = (end - off_in).min(1 << 30) as usize;
+        match sys::copy_file_range(src, &mut off_in, dst, &mut off_out, len) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
+            {
+                return copy_rw(src, dst, off_in, end);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn copy_rw(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: i64, end: i64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while off < end {
+        let want = ((end - off) as usize).min(buf.len());
+        let n = sys::pread(src, &mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            done += sys::pwrite(dst, &buf[done..n], off + done as i64)?;
+        }
+        off += n as i64;
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The inode table: one [`Node`] per merged object the kernel knows about.
+//!
+//! One map, private to this file: FUSE node id (= the st_ino the mount reports) -> node.
+//! Locking happens only inside this file and inside each node's own `RwLock`; no lock here is held
+//! across I/O.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use parking_lot::{Mutex, RwLock};
+
+use super::LowerObj;
+
+pub const ROOT_ID: u64 = 1;
+
+/// One object of the merged view.
+#[derive(Debug)]
+pub struct Node {
+    /// The st_ino the mount reports for this object, which is also its FUSE node id; fixed for
+    /// the node's life.
+    pub st_ino: u64,
+    pub is_dir: bool,
+    /// Kernel lookup count; the node is dropped from the table when it reaches zero.
+    lookups: AtomicU64,
+    /// Layer state; read far more often than written.
+    pub state: RwLock<NodeState>,
+    /// Serialises copy-up of this node, so two writers never copy it twice. Only this node's
+    /// requests wait on it; everything else goes on.
+    pub copy_lock: Mutex<()>,
+}
+
+/// Where the object lives in the layers.
+#[derive(Debug)]
+pub struct NodeState {
+    /// The directory this object was last seen in (None for the root), kept alive by this node.
+    pub parent: Option<Arc<Node>>,
+    /// The name it was last seen under.
+    pub name: OsString,
+    /// The object in the upper layer (`O_PATH`, or `O_RDONLY` for directories).
+    pub upper: Option<Arc<OwnedFd>>,
+    /// Lower objects, topmost first, as (layer index, fd). A non-directory has at most one; a
+    /// directory lists every lower directory that contributes to it (stopping at an opaque one).
+    pub lowers: Vec<LowerObj>,
+    /// The upper directory is opaque (lowers are then empty).
+    pub opaque: bool,
+    /// The upper directory holds xattr whiteouts (`overlay.opaque=x`).
+    pub xwhiteouts: bool,
+    /// The name was removed while the kernel still held the inode (open files).
+    pub unlinked: bool,
+}
+
+impl NodeState {
+    /// The topmost real object: upper if copied up, else the topmost lower.
+    pub fn top(&self) -> Option<&Arc<OwnedFd>> {
+        self.upper.as_ref().or_else(|| self.lowers.first().map(|l| &l.fd))
+    }
+
+    /// Does a lower layer hold this object (so removing it needs a whiteout)?
+    pub fn in_lower(&self) -> bool {
+        !self.lowers.is_empty()
+    }
+
+    /// How many layers contribute to this directory (the kernel calls >1 a "merge" dir).
+    pub fn layer_count(&self) -> usize {
+        usize::from(self.upper.is_some()) + self.lowers.len()
+    }
+}
+
+impl Node {
+    pub fn new(st_ino: u64, is_dir: bool, state: NodeState) -> Node {
+        Node {
+            st_ino,
+            is_dir,
+            lookups: AtomicU64::new(0),
+            state: RwLock::new(state),
+            copy_lock: Mutex::new(()),
+        }
+    }
+}
+
+/// All live nodes, keyed by FUSE node id. fuser makes the node id and the reported st_ino one
+/// number, so the key is the st_ino: stable for an object, and every name of one object (hard
+/// links, or the same path looked up twice) is one FUSE inode. A real inode number cannot be
+/// reused while its node lives, because the node holds an fd of it.
+#[derive(Debug)]
+pub struct InodeTable {
+    by_id: DashMap<u64, Arc<Node>>,
+}
+
+impl InodeTable {
+    pub fn new(root: NodeState) -> InodeTable {
+        let table = InodeTable {
+            by_id: DashMap::new(),
+        };
+        let node = Arc::new(Node::new(ROOT_ID, true, root));
+        node.lookups.store(1, Ordering::Relaxed);
+        table.by_id.insert(ROOT_ID, node);
+        table
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.by_id.get(&id).map(|n| n.clone())
+    }
+
+    /// Returns the node for `st_ino`, creating it with `make` if there is none, and counts one
+    /// kernel lookup on it. The bool tells whether it existed already.
+    pub fn lookup_or_insert(
+        &self,
+        st_ino: u64,
+        is_dir: bool,
+        make: impl FnOnce() -> NodeState,
+    ) -> (Arc<Node>, bool) {
+        match self.by_id.entry(st_ino) {
+            Entry::Occupied(mut e) => {
+                if e.get().is_dir == is_dir {
+                    e.get().lookups.fetch_add(1, Ordering::AcqRel);
+                    return (e.get().clone(), true);
+                }
+                // The number now names an object of another type: the old node is stale.
+                let node = Arc::new(Node::new(st_ino, is_dir, make()));
+                node.lookups.store(1, Ordering::Relaxed);
+                e.insert(node.clone());
+                (node, false)
+            }
+            Entry::Vacant(e) => {
+                let node = Arc::new(Node::new(st_ino, is_dir, make()));
+                node.lookups.store(1, Ordering::Relaxed);
+                e.insert(node.clone());
+                (node, false)
+            }
+        }
+    }
+
+    /// Drops `n` kernel references; removes the node at zero. Saturating: a confused kernel
+    /// client cannot underflow the count.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        // The count changes only under the map's shard lock, so a concurrent lookup either
+        // sees the node before it is removed (and keeps it) or after (and makes a new one).
+        self.by_id.remove_if(&id, |_, node| {
+            let cur = node.lookups.load(Ordering::Acquire);
+            let new = cur.saturating_sub(n);
+            node.lookups.store(new, Ordering::Release);
+            new == 0
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}

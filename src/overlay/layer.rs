@@ -1,0 +1,184 @@
+//! Layers and the on-disk markers of the overlay format: whiteouts, opaque directories and the
+//! private xattrs that never show through the mount.
+//!
+//! Formats read (all of them, whatever wrote them):
+//! - whiteout: a char device 0/0; a `.wh.NAME` entry beside NAME; in a directory marked
+//!   `overlay.opaque=x`, an empty regular file carrying `overlay.whiteout` (kernel xwhiteouts);
+//! - opaque directory: `trusted.overlay.opaque=y`, `user.overlay.opaque=y`,
+//!   `user.fuseoverlayfs.opaque=y`, or a `.wh..wh..opq` entry inside it.
+//!
+//! Formats written: see [`MarkerStyle`].
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use crate::sys;
+
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
+pub const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+
+/// One layer root, opened once at mount time. All access to the layer goes through `root` with
+/// `*at` calls, so nothing outside it is reachable by a name inside it.
+#[derive(Debug)]
+pub struct Layer {
+    pub path: PathBuf,
+    pub root: OwnedFd,
+    pub dev: u64,
+    /// Index of this layer's filesystem among the distinct filesystems of the mount, used to keep
+    /// st_ino unique when layers live on different filesystems (like the kernel's xino).
+    pub fsid: u64,
+}
+
+impl Layer {
+    pub fn open(path: PathBuf) -> io::Result<Layer> {
+        let c = sys::cstr(path.as_os_str())?;
+        let root = sys::open(&c, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let st = sys::fstat(root.as_fd())?;
+        Ok(Layer {
+            path,
+            root,
+            dev: st.st_dev,
+            fsid: 0,
+        })
+    }
+}
+
+/// How this mount writes whiteouts and opaque markers into the upper layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkerStyle {
+    /// Whiteouts as char device 0/0 (the kernel's format); otherwise `.wh.NAME` files.
+    pub char_whiteout: bool,
+    /// Opaque/private xattrs in `trusted.` (kernel default); otherwise in `user.` (userxattr).
+    pub trusted_xattrs: bool,
+}
+
+impl MarkerStyle {
+    /// Probes what the upper filesystem lets this process write, once, at mount time.
+    pub fn probe(work: BorrowedFd<'_>) -> MarkerStyle {
+        let name = OsStr::new("#stratafs-probe");
+        let _ = sys::unlinkat(work, name, 0);
+        let char_whiteout = sys::mknodat(work, name, libc::S_IFCHR, 0).is_ok();
+        let _ = sys::unlinkat(work, name, 0);
+        let trusted_xattrs = match sys::openat(
+            work,
+            name,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+            0o600,
+        ) {
+            Ok(fd) => {
+                let ok = sys::set_xattr(fd.as_fd(), OsStr::new("trusted.overlay.probe"), b"y", 0)
+                    .is_ok();
+                let _ = sys::unlinkat(work, name, 0);
+                ok
+            }
+            Err(_) => false,
+        };
+        MarkerStyle {
+            char_whiteout,
+            trusted_xattrs,
+        }
+    }
+
+    pub fn opaque_xattr(&self) -> &'static OsStr {
+        OsStr::new(if self.trusted_xattrs {
+            "trusted.overlay.opaque"
+        } else {
+            "user.overlay.opaque"
+        })
+    }
+
+    pub fn origin_xattr(&self) -> &'static OsStr {
+        OsStr::new(if self.trusted_xattrs {
+            "trusted.stratafs.origin"
+        } else {
+            "user.stratafs.origin"
+        })
+    }
+}
+
+/// A stat that is a whiteout by itself: a char device with device number 0/0.
+pub fn is_char_whiteout(st: &sys::Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}
+
+/// `.wh.NAME` for NAME.
+pub fn whiteout_name(name: &OsStr) -> std::ffi::OsString {
+    let mut v = WHITEOUT_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&v).to_os_string())
+}
+
+/// Names that belong to the on-disk format and are never visible or creatable in the merged
+/// view: anything starting with `.wh.`.
+pub fn is_marker_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WHITEOUT_PREFIX)
+}
+
+/// Xattrs that belong to the overlay format and never show through the mount.
+pub fn is_private_xattr(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(b"trusted.overlay.")
+        || b.starts_with(b"user.overlay.")
+        || b.starts_with(b"trusted.stratafs.")
+        || b.starts_with(b"user.stratafs.")
+        || b.starts_with(b"user.fuseoverlayfs.")
+}
+
+/// What the xattrs of a directory say about it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirMarks {
+    /// Hides every lower layer below it.
+    pub opaque: bool,
+    /// Contains xattr-whiteouts (`overlay.opaque=x`): empty files carrying `overlay.whiteout`.
+    pub xwhiteouts: bool,
+}
+
+const OPAQUE_XATTRS: [&str; 3] = [
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+];
+
+/// Reads the opaque markers of a directory: one listxattr, a getxattr only when a marker name is
+/// present, and one fstatat for `.wh..wh..opq`.
+pub fn dir_marks(dir: BorrowedFd<'_>) -> io::Result<DirMarks> {
+    let mut marks = DirMarks::default();
+    for name in sys::list_xattr(dir)? {
+        if OPAQUE_XATTRS.iter().any(|o| OsStr::new(o) == name) {
+            match sys::get_xattr(dir, &name)?.as_deref() {
+                Some(b"y") => marks.opaque = true,
+                Some(b"x") => marks.xwhiteouts = true,
+                _ => {}
+            }
+        }
+    }
+    if !marks.opaque {
+        marks.opaque = exists(dir, OsStr::new(OPAQUE_WHITEOUT))?;
+    }
+    Ok(marks)
+}
+
+/// Does `name` exist (as anything) in `dir`?
+pub fn exists(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    match sys::fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Is this regular file an xattr whiteout (only meaningful inside an `opaque=x` directory)?
+pub fn is_xattr_whiteout(fd: BorrowedFd<'_>, st: &sys::Stat) -> io::Result<bool> {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size != 0 {
+        return Ok(false);
+    }
+    for name in ["trusted.overlay.whiteout", "user.overlay.whiteout"] {
+        if sys::get_xattr(fd, OsStr::new(name))?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

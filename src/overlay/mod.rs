@@ -1,0 +1,547 @@
+//! The overlay filesystem: merged lookup, attributes and every change to the upper layer.
+//!
+//! `OverlayFs` holds the layers and the inode table; the `do_*` methods (here, in `ops.rs`,
+//! `dir.rs` and `copy_up.rs`) return `io::Result` and know nothing of FUSE replies; `fuse.rs` is
+//! the thin `fuser::Filesystem` adapter over them.
+//!
+//! Architecture invariants: nothing here writes to a lower layer (lower fds are opened `O_PATH` or
+//! read-only); every name is resolved with `*at` calls relative to a layer fd, one component at a
+//! time, never following a symlink; no lock is held while data is copied.
+
+mod copy_up;
+mod dir;
+mod fuse;
+pub mod inode;
+pub mod layer;
+mod ops;
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{FileAttr, FileType, INodeNo};
+
+use crate::sys;
+use inode::{InodeTable, Node, NodeState};
+use layer::{Layer, MarkerStyle};
+
+pub use dir::DirEntry;
+
+/// What a mount is made of, after the command line was validated.
+#[derive(Clone, Debug, Default)]
+pub struct FsConfig {
+    /// Lower layer directories, topmost first.
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    /// How long the kernel may cache entries and attributes.
+    pub ttl: Duration,
+    /// Number of FUSE worker threads.
+    pub threads: usize,
+}
+
+/// A lower object found by lookup.
+#[derive(Clone, Debug)]
+pub struct LowerObj {
+    pub layer: usize,
+    pub fd: Arc<OwnedFd>,
+    /// For directories: holds xattr whiteouts (`overlay.opaque=x`).
+    pub xwhiteouts: bool,
+}
+
+/// The merged filesystem.
+#[derive(Debug)]
+pub struct OverlayFs {
+    /// Layer 0 is the upper layer when `has_upper`; the rest are lowers, topmost first.
+    layers: Vec<Layer>,
+    has_upper: bool,
+    /// `<workdir>/work`: where copy-ups and whiteouts are built before they are renamed into
+    /// the upper layer, so a crash never leaves half an object there.
+    work: Option<OwnedFd>,
+    style: MarkerStyle,
+    /// All layers on one filesystem: st_ino is the real inode number, as with the kernel.
+    single_dev: bool,
+    table: InodeTable,
+    handles: DashMap<u64, Arc<ops::Handle>>,
+    next_fh: AtomicU64,
+    /// Upper inode number -> the st_ino its object had before copy-up, so st_ino stays stable
+    /// for a path across copy-up during the mount.
+    copied: DashMap<u64, u64>,
+    tmp_counter: AtomicU64,
+    ttl: Duration,
+}
+
+/// How a name looks in one layer directory.
+enum Probe {
+    Missing,
+    Whiteout,
+    Found(OwnedFd, sys::Stat),
+}
+
+/// An object found by merged lookup, before it becomes a node.
+#[derive(Default)]
+pub struct Found {
+    upper: Option<(Arc<OwnedFd>, sys::Stat)>,
+    lowers: Vec<(LowerObj, sys::Stat)>,
+    opaque: bool,
+    xwhiteouts: bool,
+}
+
+impl Found {
+    fn top_stat(&self) -> &sys::Stat {
+        match &self.upper {
+            Some((_, st)) => st,
+            None => &self.lowers[0].1,
+        }
+    }
+}
+
+pub fn is_dir(st: &sys::Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+pub fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn is_enoent(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
+}
+
+impl OverlayFs {
+    /// Opens every layer and prepares the work directory. Fails, changing nothing but the work
+    /// directory's scratch area, when a layer cannot be opened.
+    pub fn new(cfg: &FsConfig) -> io::Result<OverlayFs> {
+        let mut layers = Vec::new();
+        if let Some(upper) = &cfg.upper {
+            layers.push(Layer::open(upper.clone())?);
+        }
+        for lower in &cfg.lowers {
+            layers.push(Layer::open(lower.clone())?);
+        }
+        let mut devs: Vec<u64> = Vec::new();
+        for layer in &mut layers {
+            layer.fsid = match devs.iter().position(|d| *d == layer.dev) {
+                Some(i) => i as u64,
+                None => {
+                    devs.push(layer.dev);
+                    (devs.len() - 1) as u64
+                }
+            };
+        }
+        let work = match &cfg.work {
+            Some(w) if cfg.upper.is_some() => Some(prepare_work(w)?),
+            _ => None,
+        };
+        let style = match &work {
+            Some(w) => MarkerStyle::probe(w.as_fd()),
+            None => MarkerStyle {
+                char_whiteout: true,
+                trusted_xattrs: true,
+            },
+        };
+        let has_upper = cfg.upper.is_some();
+        let first_lower = usize::from(has_upper);
+        let root_lowers: Vec<LowerObj> = (first_lower..layers.len())
+            .map(|i| {
+                let fd = sys::openat(
+                    layers[i].root.as_fd(),
+                    OsStr::new("."),
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                    0,
+                )?;
+                let xwhiteouts = layer::dir_marks(fd.as_fd())?.xwhiteouts;
+                Ok(LowerObj {
+                    layer: i,
+                    fd: Arc::new(fd),
+                    xwhiteouts,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let root_upper = if has_upper {
+            Some(Arc::new(sys::openat(
+                layers[0].root.as_fd(),
+                OsStr::new("."),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )?))
+        } else {
+            None
+        };
+        let root_xwh = match &root_upper {
+            Some(fd) => layer::dir_marks(fd.as_fd())?.xwhiteouts,
+            None => false,
+        };
+        if root_upper.is_none() && root_lowers.is_empty() {
+            return Err(errno(libc::EINVAL));
+        }
+        let single_dev = devs.len() == 1;
+        let root = NodeState {
+            parent: None,
+            name: OsString::new(),
+            upper: root_upper,
+            lowers: root_lowers,
+            opaque: false,
+            xwhiteouts: root_xwh,
+            unlinked: false,
+        };
+        Ok(OverlayFs {
+            layers,
+            has_upper,
+            work,
+            style,
+            single_dev,
+            table: InodeTable::new(root),
+            handles: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            copied: DashMap::new(),
+            tmp_counter: AtomicU64::new(0),
+            ttl: cfg.ttl,
+        })
+    }
+
+    pub fn style(&self) -> MarkerStyle {
+        self.style
+    }
+
+    /// Number of live inodes (for memory reports and tests).
+    pub fn live_inodes(&self) -> usize {
+        self.table.len()
+    }
+
+    fn node(&self, ino: INodeNo) -> io::Result<Arc<Node>> {
+        self.table.get(ino.0).ok_or_else(|| errno(libc::ESTALE))
+    }
+
+    fn work(&self) -> io::Result<BorrowedFd<'_>> {
+        self.work
+            .as_ref()
+            .map(|w| w.as_fd())
+            .ok_or_else(|| errno(libc::EROFS))
+    }
+
+    fn tmp_name(&self) -> OsString {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        OsString::from(format!("#{n:x}"))
+    }
+
+    /// st_ino for a real inode of layer `layer`.
+    fn encode(&self, layer: usize, real_ino: u64) -> u64 {
+        encode_ino(self.single_dev, self.layers[layer].fsid, real_ino)
+    }
+
+    /// st_ino of an upper object: the pre-copy-up number if we copied it up.
+    fn upper_stino(&self, real_ino: u64) -> u64 {
+        match self.copied.get(&real_ino) {
+            Some(v) => *v,
+            None => self.encode(0, real_ino),
+        }
+    }
+
+    fn stino_of(&self, found: &Found) -> u64 {
+        match &found.upper {
+            Some((_, st)) => self.upper_stino(st.st_ino),
+            None => self.encode(found.lowers[0].0.layer, found.lowers[0].1.st_ino),
+        }
+    }
+
+    /// Looks at `name` in one layer directory.
+    fn probe(&self, dir: BorrowedFd<'_>, name: &OsStr, xwhiteouts: bool) -> io::Result<Probe> {
+        let st = match sys::fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(e) if is_enoent(&e) => {
+                return Ok(if layer::exists(dir, &layer::whiteout_name(name))? {
+                    Probe::Whiteout
+                } else {
+                    Probe::Missing
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if layer::is_char_whiteout(&st) {
+            return Ok(Probe::Whiteout);
+        }
+        let flags = if is_dir(&st) {
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        } else {
+            libc::O_PATH | libc::O_NOFOLLOW
+        };
+        let fd = sys::openat(dir, name, flags, 0)?;
+        if xwhiteouts && layer::is_xattr_whiteout(fd.as_fd(), &st)? {
+            return Ok(Probe::Whiteout);
+        }
+        Ok(Probe::Found(fd, st))
+    }
+
+    /// Merged lookup of `name` in a directory: walks the layers top-down, honouring whiteouts
+    /// and opaque directories. `Ok(None)` when the name does not exist in the merged view.
+    fn resolve(&self, parent: &NodeState, name: &OsStr) -> io::Result<Option<Found>> {
+        self.resolve_in(
+            parent.upper.as_ref(),
+            parent.xwhiteouts,
+            &parent.lowers,
+            name,
+        )
+    }
+
+    /// Does a lower layer of this directory show `name` (so removing it from the upper layer
+    /// needs a whiteout, and a directory put there must be opaque)?
+    fn lower_has(&self, parent: &NodeState, name: &OsStr) -> io::Result<bool> {
+        if parent.lowers.is_empty() {
+            return Ok(false);
+        }
+        Ok(self.resolve_in(None, false, &parent.lowers, name)?.is_some())
+    }
+
+    fn resolve_in(
+        &self,
+        upper: Option<&Arc<OwnedFd>>,
+        upper_xwh: bool,
+        lowers: &[LowerObj],
+        name: &OsStr,
+    ) -> io::Result<Option<Found>> {
+        if name.len() > 255 {
+            return Err(errno(libc::ENAMETOOLONG));
+        }
+        if layer::is_marker_name(name) {
+            return Ok(None);
+        }
+        let mut found = Found::default();
+        if let Some(up) = upper {
+            match self.probe(up.as_fd(), name, upper_xwh)? {
+                Probe::Whiteout => return Ok(None),
+                Probe::Missing => {}
+                Probe::Found(fd, st) => {
+                    if !is_dir(&st) {
+                        found.upper = Some((Arc::new(fd), st));
+                        return Ok(Some(found));
+                    }
+                    let marks = layer::dir_marks(fd.as_fd())?;
+                    found.upper = Some((Arc::new(fd), st));
+                    found.opaque = marks.opaque;
+                    found.xwhiteouts = marks.xwhiteouts;
+                    if marks.opaque {
+                        return Ok(Some(found));
+                    }
+                }
+            }
+        }
+        let n = lowers.len();
+        for (i, lower) in lowers.iter().enumerate() {
+            match self.probe(lower.fd.as_fd(), name, lower.xwhiteouts)? {
+                Probe::Whiteout => break,
+                Probe::Missing => continue,
+                Probe::Found(fd, st) => {
+                    let have_dir = found.upper.is_some() || !found.lowers.is_empty();
+                    if !is_dir(&st) {
+                        if !have_dir {
+                            found.lowers.push((
+                                LowerObj {
+                                    layer: lower.layer,
+                                    fd: Arc::new(fd),
+                                    xwhiteouts: false,
+                                },
+                                st,
+                            ));
+                        }
+                        break;
+                    }
+                    // Opaque markers below the last lower layer hide nothing: skip the check.
+                    let marks = if i + 1 < n {
+                        layer::dir_marks(fd.as_fd())?
+                    } else {
+                        layer::DirMarks::default()
+                    };
+                    found.lowers.push((
+                        LowerObj {
+                            layer: lower.layer,
+                            fd: Arc::new(fd),
+                            xwhiteouts: marks.xwhiteouts,
+                        },
+                        st,
+                    ));
+                    if marks.opaque {
+                        break;
+                    }
+                }
+            }
+        }
+        if found.upper.is_none() && found.lowers.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some(found))
+        }
+    }
+
+    /// Turns a lookup result into a node (existing or new) and counts one kernel lookup.
+    fn intern(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> (Arc<Node>, sys::Stat) {
+        let st_ino = self.stino_of(&found);
+        let st = *found.top_stat();
+        let dir = is_dir(&st);
+        let Found {
+            upper,
+            lowers,
+            opaque,
+            xwhiteouts,
+        } = found;
+        let upper_fd = upper.map(|(fd, _)| fd);
+        let lower_objs: Vec<LowerObj> = lowers.into_iter().map(|(l, _)| l).collect();
+        let make = || NodeState {
+            parent: Some(parent.clone()),
+            name: name.to_os_string(),
+            upper: upper_fd.clone(),
+            lowers: lower_objs.clone(),
+            opaque,
+            xwhiteouts,
+            unlinked: false,
+        };
+        let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);
+        if existed {
+            let mut s = node.state.write();
+            s.parent = Some(parent.clone());
+            s.name = name.to_os_string();
+            if s.upper.is_none() && upper_fd.is_some() {
+                s.upper = upper_fd;
+                s.opaque = opaque;
+                s.xwhiteouts = xwhiteouts;
+            }
+            s.unlinked = false;
+        }
+        (node, st)
+    }
+
+    /// The attributes the mount reports for `node`, whose topmost object has stat `st`.
+    fn attr(&self, node: &Node, st: &sys::Stat) -> FileAttr {
+        let state = node.state.read();
+        let mut nlink = st.st_nlink as u32;
+        if node.is_dir && state.layer_count() > 1 {
+            // Like the kernel: counting subdirectories across layers is not worth it, and
+            // nlink=1 tells find(1) and friends not to rely on it.
+            nlink = 1;
+        } else if state.unlinked && state.upper.is_none() {
+            nlink = 0;
+        }
+        drop(state);
+        stat_to_attr(node.st_ino, st, nlink)
+    }
+
+    /// fstat of the topmost object of a node.
+    fn stat_node(&self, node: &Node) -> io::Result<sys::Stat> {
+        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        sys::fstat(fd.as_fd())
+    }
+
+    pub fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> io::Result<(FileAttr, u64)> {
+        let parent = self.node(parent)?;
+        if !parent.is_dir {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let found = {
+            let state = parent.state.read();
+            self.resolve(&state, name)?
+        };
+        let found = found.ok_or_else(|| errno(libc::ENOENT))?;
+        let (node, st) = self.intern(&parent, name, found);
+        Ok((self.attr(&node, &st), node.st_ino))
+    }
+
+    pub fn do_forget(&self, ino: INodeNo, n: u64) {
+        self.table.forget(ino.0, n);
+    }
+
+    pub fn do_getattr(&self, ino: INodeNo, fh: Option<u64>) -> io::Result<FileAttr> {
+        let node = self.node(ino)?;
+        if let Some(fh) = fh {
+            if let Some(h) = self.handles.get(&fh).map(|h| h.clone()) {
+                if let ops::Handle::File(f) = &*h {
+                    let st = sys::fstat(f.fd.as_fd())?;
+                    return Ok(self.attr(&node, &st));
+                }
+            }
+        }
+        let st = self.stat_node(&node)?;
+        Ok(self.attr(&node, &st))
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// Like the kernel's xino: on one filesystem the real inode number; across filesystems the
+/// filesystem's index in the top bits.
+/// Number 1 is the mount's root; a real inode 1 inside a layer (tmpfs numbers from 1) moves to
+/// the top of the range.
+fn encode_ino(single_dev: bool, fsid: u64, ino: u64) -> u64 {
+    let v = if single_dev {
+        ino
+    } else {
+        (fsid << 56) | (ino & ((1u64 << 56) - 1))
+    };
+    if v == inode::ROOT_ID { u64::MAX - 1 } else { v }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::new(0, nsec as u32)
+    }
+}
+
+fn stat_to_attr(ino: u64, st: &sys::Stat, nlink: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: system_time(st.st_atime, st.st_atime_nsec),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: kind_of(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+/// Opens `<workdir>/work`, creating it, and empties it: whatever is there is the leftover of an
+/// interrupted copy-up or delete and was never visible in the merged view.
+fn prepare_work(workdir: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = sys::cstr(workdir.as_os_str())?;
+    let wd = sys::open(&c, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    match sys::mkdirat(wd.as_fd(), OsStr::new("work"), 0o700) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let work = sys::openat(
+        wd.as_fd(),
+        OsStr::new("work"),
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
+    dir::remove_contents(work.as_fd())?;
+    Ok(work)
+}

@@ -1,0 +1,815 @@
+//! Every operation that changes the merged view, plus open files and directories.
+//!
+//! A change to a lower object copies it up first; a removal of a name that a lower layer shows
+//! leaves a whiteout; a new directory over a whited-out name is opaque. Whiteouts and objects
+//! that replace a whiteout are built in the work directory and renamed into place, so each step
+//! is atomic in the upper layer.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fuser::{FileAttr, INodeNo};
+use parking_lot::Mutex;
+
+use super::dir::{DirEntry, DirLayer, remove_contents, remove_entry};
+use super::inode::Node;
+use super::{Found, OverlayFs, errno, is_dir, is_enoent, layer};
+use crate::sys::{self, SetTime};
+
+/// Who asks: the ids new objects get.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// An open file or directory.
+#[derive(Debug)]
+pub enum Handle {
+    File(FileHandle),
+    Dir(DirHandle),
+}
+
+#[derive(Debug)]
+pub struct FileHandle {
+    /// The real file (upper after copy-up, or the lower file for read-only opens).
+    pub fd: OwnedFd,
+    pub writable: bool,
+}
+
+#[derive(Debug)]
+pub struct DirHandle {
+    node: Arc<Node>,
+    /// The listing, built at the first read from offset 0 and served by offset after that, so
+    /// offsets stay stable while other requests change the directory.
+    entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+/// What occupies a name in the upper layer before a new object is put there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Nothing, and no lower layer shows the name.
+    Free,
+    /// A char 0/0 whiteout: replace it atomically through the work directory.
+    CharWhiteout,
+    /// A `.wh.NAME` file: create NAME, then drop the marker.
+    WhFile,
+}
+
+/// What the new object is.
+enum Make<'a> {
+    File { flags: i32, mode: u32 },
+    Dir { mode: u32 },
+    Node { mode: u32, rdev: u64 },
+    Symlink { target: &'a Path },
+    Link { src: Arc<OwnedFd> },
+}
+
+fn check_name(name: &OsStr) -> io::Result<()> {
+    if name.len() > 255 {
+        return Err(errno(libc::ENAMETOOLONG));
+    }
+    if layer::is_marker_name(name) {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+impl OverlayFs {
+    fn require_upper(&self) -> io::Result<()> {
+        if self.has_upper {
+            Ok(())
+        } else {
+            Err(errno(libc::EROFS))
+        }
+    }
+
+    fn dir_node(&self, ino: INodeNo) -> io::Result<Arc<Node>> {
+        let node = self.node(ino)?;
+        if !node.is_dir {
+            return Err(errno(libc::ENOTDIR));
+        }
+        Ok(node)
+    }
+
+    /// Copies the parent up and finds out what `name` is in it.
+    fn prepare_slot(&self, parent: &Arc<Node>, name: &OsStr) -> io::Result<(Arc<OwnedFd>, Slot)> {
+        check_name(name)?;
+        self.require_upper()?;
+        let pupper = self.copy_up(parent, true)?;
+        let slot = match sys::fstatat(pupper.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if layer::is_char_whiteout(&st) => Slot::CharWhiteout,
+            Ok(_) => return Err(errno(libc::EEXIST)),
+            Err(e) if is_enoent(&e) => {
+                if layer::exists(pupper.as_fd(), &layer::whiteout_name(name))? {
+                    Slot::WhFile
+                } else if self.lower_has(&parent.state.read(), name)? {
+                    return Err(errno(libc::EEXIST));
+                } else {
+                    Slot::Free
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        Ok((pupper, slot))
+    }
+
+    /// Creates `name` in `parent` as `make` says, owned by `caller`, and returns a node for it
+    /// (counted as one kernel lookup) plus the open fd for `Make::File`.
+    fn create_obj(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        make: Make<'_>,
+        caller: Caller,
+    ) -> io::Result<(FileAttr, u64, Option<OwnedFd>)> {
+        let (pupper, slot) = self.prepare_slot(parent, name)?;
+        let pst = sys::fstat(pupper.as_fd())?;
+        let setgid_parent = pst.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid_parent { pst.st_gid } else { caller.gid };
+        let is_link = matches!(make, Make::Link { .. });
+        let mk_dir = matches!(make, Make::Dir { .. });
+        let mut final_mode = match &make {
+            Make::File { mode, .. } | Make::Node { mode, .. } => Some(mode & 0o7777),
+            Make::Dir { mode } => Some(mode & 0o7777 | if setgid_parent { libc::S_ISGID } else { 0 }),
+            Make::Symlink { .. } | Make::Link { .. } => None,
+        };
+        if let Some(m) = final_mode.as_mut() {
+            // A non-member creating a set-group-id file in a set-group-id directory loses the
+            // bit, as on a plain filesystem.
+            if !mk_dir && *m & libc::S_ISGID != 0 && caller.uid != 0 && gid != caller.gid {
+                *m &= !libc::S_ISGID;
+            }
+        }
+        // Where the object is built: straight in the upper dir, or in the work dir when it has
+        // to replace a whiteout atomically.
+        let work;
+        let (bdir, bname): (BorrowedFd<'_>, OsString) = if slot == Slot::CharWhiteout {
+            work = self.work()?;
+            (work, self.tmp_name())
+        } else {
+            (pupper.as_fd(), name.to_os_string())
+        };
+        let open_fd = match &make {
+            Make::File { flags, .. } => {
+                let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+                    | libc::O_CREAT
+                    | libc::O_EXCL;
+                Some(sys::openat(bdir, &bname, flags, 0o600)?)
+            }
+            Make::Dir { .. } => {
+                sys::mkdirat(bdir, &bname, 0o700)?;
+                None
+            }
+            Make::Node { mode, rdev } => {
+                sys::mknodat(bdir, &bname, (mode & libc::S_IFMT) | 0o600, *rdev)?;
+                None
+            }
+            Make::Symlink { target } => {
+                sys::symlinkat(target.as_os_str(), bdir, &bname)?;
+                None
+            }
+            Make::Link { src } => {
+                sys::link_fd(src.as_fd(), bdir, &bname)?;
+                None
+            }
+        };
+        let finish = || -> io::Result<()> {
+            let flags = if mk_dir {
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+            } else {
+                libc::O_PATH | libc::O_NOFOLLOW
+            };
+            let fd = sys::openat(bdir, &bname, flags, 0)?;
+            if !is_link {
+                sys::fchown(fd.as_fd(), Some(caller.uid), Some(gid))?;
+                if let Some(m) = final_mode {
+                    sys::chmod_fd(fd.as_fd(), m)?;
+                }
+            }
+            if mk_dir && slot != Slot::Free {
+                // Something below had this name: the new directory must hide it.
+                self.set_opaque(fd.as_fd())?;
+            }
+            match slot {
+                Slot::Free => {}
+                Slot::CharWhiteout if mk_dir => {
+                    // A directory cannot be renamed over a char device: swap them, then drop
+                    // the whiteout that landed in the work dir.
+                    sys::renameat2(bdir, &bname, pupper.as_fd(), name, sys::RENAME_EXCHANGE)?;
+                    sys::unlinkat(bdir, &bname, 0)?;
+                }
+                Slot::CharWhiteout => {
+                    sys::renameat2(bdir, &bname, pupper.as_fd(), name, 0)?;
+                }
+                Slot::WhFile => {
+                    sys::unlinkat(pupper.as_fd(), &layer::whiteout_name(name), 0)?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            let _ = remove_entry(bdir, &bname);
+            return Err(e);
+        }
+        let mut found = Found::default();
+        let flags = if mk_dir {
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        } else {
+            libc::O_PATH | libc::O_NOFOLLOW
+        };
+        let fd = sys::openat(pupper.as_fd(), name, flags, 0)?;
+        let st = sys::fstat(fd.as_fd())?;
+        found.upper = Some((Arc::new(fd), st));
+        found.opaque = mk_dir && slot != Slot::Free;
+        let (node, st) = self.intern(parent, name, found);
+        Ok((self.attr(&node, &st), node.st_ino, open_fd))
+    }
+
+    fn set_opaque(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        sys::set_xattr(dir, self.style.opaque_xattr(), b"y", 0)
+    }
+
+    pub fn do_mkdir(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> io::Result<(FileAttr, u64)> {
+        let parent = self.dir_node(parent)?;
+        let make = Make::Dir {
+            mode: mode & !umask,
+        };
+        let (attr, id, _) = self.create_obj(&parent, name, make, caller)?;
+        Ok((attr, id))
+    }
+
+    pub fn do_mknod(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> io::Result<(FileAttr, u64)> {
+        let parent = self.dir_node(parent)?;
+        let make = Make::Node {
+            mode: (mode & libc::S_IFMT) | (mode & 0o7777 & !umask),
+            rdev: u64::from(rdev),
+        };
+        let (attr, id, _) = self.create_obj(&parent, name, make, caller)?;
+        Ok((attr, id))
+    }
+
+    pub fn do_symlink(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> io::Result<(FileAttr, u64)> {
+        let parent = self.dir_node(parent)?;
+        let (attr, id, _) = self.create_obj(&parent, name, Make::Symlink { target }, caller)?;
+        Ok((attr, id))
+    }
+
+    pub fn do_link(
+        &self,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+    ) -> io::Result<(FileAttr, u64)> {
+        let node = self.node(ino)?;
+        if node.is_dir {
+            return Err(errno(libc::EPERM));
+        }
+        let parent = self.dir_node(newparent)?;
+        self.require_upper()?;
+        let src = self.copy_up(&node, true)?;
+        let caller = Caller { uid: 0, gid: 0 };
+        let (attr, id, _) = self.create_obj(&parent, newname, Make::Link { src }, caller)?;
+        Ok((attr, id))
+    }
+
+    pub fn do_create(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> io::Result<(FileAttr, u64, u64)> {
+        let parent = self.dir_node(parent)?;
+        let make = Make::File {
+            flags,
+            mode: mode & !umask,
+        };
+        let (attr, id, fd) = self.create_obj(&parent, name, make, caller)?;
+        let fd = fd.ok_or_else(|| errno(libc::EIO))?;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.add_handle(Handle::File(FileHandle { fd, writable }));
+        Ok((attr, id, fh))
+    }
+
+    /// Removes `name` (a directory if `dir`), leaving a whiteout where a lower layer shows it.
+    pub fn do_remove(&self, parent: INodeNo, name: &OsStr, dir: bool) -> io::Result<()> {
+        let parent = self.dir_node(parent)?;
+        self.require_upper()?;
+        if layer::is_marker_name(name) {
+            return Err(errno(libc::ENOENT));
+        }
+        let found = self
+            .resolve(&parent.state.read(), name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let found_dir = is_dir(found.top_stat());
+        if dir && !found_dir {
+            return Err(errno(libc::ENOTDIR));
+        }
+        if !dir && found_dir {
+            return Err(errno(libc::EISDIR));
+        }
+        if found_dir && !self.merged_empty(&found)? {
+            return Err(errno(libc::ENOTEMPTY));
+        }
+        let needs_whiteout = !found.lowers.is_empty()
+            || (found.upper.is_some() && self.lower_has(&parent.state.read(), name)?);
+        let pupper = self.copy_up(&parent, true)?;
+        match (&found.upper, needs_whiteout) {
+            (Some((fd, _)), false) => {
+                if found_dir {
+                    // Merged-empty, but it may still hold whiteouts of its own.
+                    remove_contents(fd.as_fd())?;
+                    sys::unlinkat(pupper.as_fd(), name, libc::AT_REMOVEDIR)?;
+                } else {
+                    sys::unlinkat(pupper.as_fd(), name, 0)?;
+                }
+            }
+            (Some(_), true) => self.replace_with_whiteout(pupper.as_fd(), name, found_dir)?,
+            (None, _) => self.make_whiteout(pupper.as_fd(), name)?,
+        }
+        let st_ino = self.stino_of(&found);
+        if let Some((_, st)) = &found.upper {
+            if found_dir || st.st_nlink <= 1 {
+                // The upper inode is gone once its node is: its number may come back as a
+                // different object.
+                self.copied.remove(&st.st_ino);
+            }
+        }
+        if let Some(node) = self.table.get(st_ino) {
+            node.state.write().unlinked = true;
+        }
+        Ok(())
+    }
+
+    /// Is this directory empty in the merged view?
+    fn merged_empty(&self, found: &Found) -> io::Result<bool> {
+        let upper = found.upper.as_ref().map(|(fd, _)| fd);
+        let lowers: Vec<_> = found.lowers.iter().map(|(l, _)| l.clone()).collect();
+        let layers = DirLayer::of(upper, found.xwhiteouts, &lowers);
+        Ok(self.read_merged(&layers, true)?.is_empty())
+    }
+
+    /// Puts a whiteout at `name`, where the upper layer has nothing.
+    fn make_whiteout(&self, pupper: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+        if self.style.char_whiteout {
+            sys::mknodat(pupper, name, libc::S_IFCHR, 0)
+        } else {
+            let wh = layer::whiteout_name(name);
+            match sys::openat(pupper, &wh, libc::O_CREAT | libc::O_WRONLY, 0) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// Replaces the upper object at `name` with a whiteout in one atomic step.
+    fn replace_with_whiteout(&self, pupper: BorrowedFd<'_>, name: &OsStr, dir: bool) -> io::Result<()> {
+        if !self.style.char_whiteout {
+            self.make_whiteout(pupper, name)?;
+            return remove_entry(pupper, name);
+        }
+        let work = self.work()?;
+        let tmp = self.tmp_name();
+        sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+        let swapped = if dir {
+            sys::renameat2(work, &tmp, pupper, name, sys::RENAME_EXCHANGE)
+        } else {
+            sys::renameat2(work, &tmp, pupper, name, 0)
+        };
+        if let Err(e) = swapped {
+            let _ = sys::unlinkat(work, &tmp, 0);
+            return Err(e);
+        }
+        if dir {
+            // The old directory now sits in the work dir; it was merged-empty.
+            remove_entry(work, &tmp)?;
+        }
+        Ok(())
+    }
+
+    pub fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        if flags & !(sys::RENAME_NOREPLACE | sys::RENAME_EXCHANGE) != 0
+            || flags == sys::RENAME_NOREPLACE | sys::RENAME_EXCHANGE
+        {
+            return Err(errno(libc::EINVAL));
+        }
+        let exchange = flags & sys::RENAME_EXCHANGE != 0;
+        let p = self.dir_node(parent)?;
+        let np = self.dir_node(newparent)?;
+        self.require_upper()?;
+        check_name(newname)?;
+        if layer::is_marker_name(name) {
+            return Err(errno(libc::ENOENT));
+        }
+        let src = self
+            .resolve(&p.state.read(), name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let dst = self.resolve(&np.state.read(), newname)?;
+        let src_ino = self.stino_of(&src);
+        let dst_ino = dst.as_ref().map(|d| self.stino_of(d));
+        if dst_ino == Some(src_ino) {
+            // Two names of one object: POSIX says do nothing.
+            return Ok(());
+        }
+        if exchange && dst.is_none() {
+            return Err(errno(libc::ENOENT));
+        }
+        if flags & sys::RENAME_NOREPLACE != 0 && dst.is_some() {
+            return Err(errno(libc::EEXIST));
+        }
+        let src_dir = is_dir(src.top_stat());
+        if src_dir && !src.lowers.is_empty() {
+            // A directory with lower content would need a redirect (kernel: redirect_dir).
+            return Err(errno(libc::EXDEV));
+        }
+        if let Some(d) = &dst {
+            let d_dir = is_dir(d.top_stat());
+            if exchange {
+                if d_dir && !d.lowers.is_empty() {
+                    return Err(errno(libc::EXDEV));
+                }
+            } else {
+                if src_dir && !d_dir {
+                    return Err(errno(libc::ENOTDIR));
+                }
+                if !src_dir && d_dir {
+                    return Err(errno(libc::EISDIR));
+                }
+                if d_dir && !self.merged_empty(d)? {
+                    return Err(errno(libc::ENOTEMPTY));
+                }
+            }
+        }
+        let pu = self.copy_up(&p, true)?;
+        let npu = self.copy_up(&np, true)?;
+        let src_up = self.copy_up_found(&pu, name, &src)?;
+        let src_needs_wh = !src.lowers.is_empty() || self.lower_has(&p.state.read(), name)?;
+        let dst_lower = self.lower_has(&np.state.read(), newname)?;
+        if exchange {
+            let d = dst.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
+            let dst_up = self.copy_up_found(&npu, newname, d)?;
+            if src_dir && dst_lower {
+                self.set_opaque(src_up.as_fd())?;
+            }
+            if is_dir(d.top_stat()) && src_needs_wh {
+                self.set_opaque(dst_up.as_fd())?;
+            }
+            sys::renameat2(pu.as_fd(), name, npu.as_fd(), newname, sys::RENAME_EXCHANGE)?;
+        } else {
+            // Clear what the upper layer holds at the destination and the rename could not
+            // replace: whiteouts of an emptied directory, a whiteout under a directory.
+            match sys::fstatat(npu.as_fd(), newname, libc::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) if layer::is_char_whiteout(&st) && src_dir => {
+                    sys::unlinkat(npu.as_fd(), newname, 0)?;
+                }
+                Ok(st) if is_dir(&st) && dst.is_some() => {
+                    let dfd = sys::openat(
+                        npu.as_fd(),
+                        newname,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    )?;
+                    remove_contents(dfd.as_fd())?;
+                }
+                _ => {}
+            }
+            if src_dir && dst_lower {
+                self.set_opaque(src_up.as_fd())?;
+            }
+            let mut rflags = flags & sys::RENAME_NOREPLACE;
+            if src_needs_wh && self.style.char_whiteout {
+                rflags |= sys::RENAME_WHITEOUT;
+            }
+            sys::renameat2(pu.as_fd(), name, npu.as_fd(), newname, rflags)?;
+            if src_needs_wh && !self.style.char_whiteout {
+                self.make_whiteout(pu.as_fd(), name)?;
+            }
+            let _ = sys::unlinkat(npu.as_fd(), &layer::whiteout_name(newname), 0);
+        }
+        if let Some(node) = self.table.get(src_ino) {
+            let mut s = node.state.write();
+            s.parent = Some(np.clone());
+            s.name = newname.to_os_string();
+        }
+        if let Some(dino) = dst_ino {
+            if let Some(node) = self.table.get(dino) {
+                let mut s = node.state.write();
+                if exchange {
+                    s.parent = Some(p.clone());
+                    s.name = name.to_os_string();
+                } else {
+                    s.unlinked = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies up an object found by lookup, through its live node when there is one.
+    fn copy_up_found(&self, pupper: &OwnedFd, name: &OsStr, found: &Found) -> io::Result<Arc<OwnedFd>> {
+        if let Some((fd, _)) = &found.upper {
+            return Ok(fd.clone());
+        }
+        let st_ino = self.stino_of(found);
+        if let Some(node) = self.table.get(st_ino) {
+            if !node.is_dir {
+                return self.copy_up(&node, true);
+            }
+        }
+        let (lower, _) = &found.lowers[0];
+        self.copy_up_obj(pupper.as_fd(), name, lower.fd.as_fd(), true, st_ino)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+        fh: Option<u64>,
+    ) -> io::Result<FileAttr> {
+        let node = self.node(ino)?;
+        let changes = mode.is_some()
+            || uid.is_some()
+            || gid.is_some()
+            || size.is_some()
+            || atime.is_some()
+            || mtime.is_some();
+        if !changes {
+            return self.do_getattr(ino, fh);
+        }
+        self.require_upper()?;
+        let up = self.copy_up(&node, size != Some(0))?;
+        if uid.is_some() || gid.is_some() {
+            sys::fchown(up.as_fd(), uid, gid)?;
+        }
+        if let Some(m) = mode {
+            sys::chmod_fd(up.as_fd(), m & 0o7777)?;
+        }
+        if let Some(size) = size {
+            let handle = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()));
+            match handle.as_deref() {
+                Some(Handle::File(f)) if f.writable => sys::ftruncate(f.fd.as_fd(), size)?,
+                _ => sys::truncate_fd(up.as_fd(), size)?,
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            sys::utimens_fd(
+                up.as_fd(),
+                atime.unwrap_or(SetTime::Omit),
+                mtime.unwrap_or(SetTime::Omit),
+            )?;
+        }
+        let st = sys::fstat(up.as_fd())?;
+        Ok(self.attr(&node, &st))
+    }
+
+    pub fn do_readlink(&self, ino: INodeNo) -> io::Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        Ok(sys::readlink_fd(fd.as_fd())?.as_bytes().to_vec())
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn file(&self, fh: u64) -> io::Result<Arc<Handle>> {
+        let h = self
+            .handles
+            .get(&fh)
+            .map(|h| h.clone())
+            .ok_or_else(|| errno(libc::EBADF))?;
+        match &*h {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(errno(libc::EISDIR)),
+        }
+    }
+
+    /// Runs `f` on the real fd behind an open file.
+    pub fn with_file<T>(&self, fh: u64, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
+        let h = self.file(fh)?;
+        match &*h {
+            Handle::File(file) => f(file.fd.as_fd()),
+            Handle::Dir(_) => Err(errno(libc::EISDIR)),
+        }
+    }
+
+    pub fn do_open(&self, ino: INodeNo, flags: i32) -> io::Result<u64> {
+        let node = self.node(ino)?;
+        let acc = flags & libc::O_ACCMODE;
+        let writing = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let fd = if writing {
+            self.require_upper()?;
+            self.copy_up(&node, flags & libc::O_TRUNC == 0)?
+        } else {
+            node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?
+        };
+        let real = sys::reopen(
+            fd.as_fd(),
+            flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY),
+        )?;
+        Ok(self.add_handle(Handle::File(FileHandle {
+            fd: real,
+            writable: acc != libc::O_RDONLY,
+        })))
+    }
+
+    pub fn do_release(&self, fh: u64) {
+        self.handles.remove(&fh);
+    }
+
+    pub fn do_read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        self.with_file(fh, |fd| {
+            let mut buf = vec![0u8; size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                let n = sys::pread(fd, &mut buf[done..], offset as i64 + done as i64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            Ok(buf)
+        })
+    }
+
+    pub fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+        self.with_file(fh, |fd| {
+            let mut done = 0;
+            while done < data.len() {
+                done += sys::pwrite(fd, &data[done..], offset as i64 + done as i64)?;
+            }
+            Ok(done as u32)
+        })
+    }
+
+    pub fn do_opendir(&self, ino: INodeNo) -> io::Result<u64> {
+        let node = self.dir_node(ino)?;
+        Ok(self.add_handle(Handle::Dir(DirHandle {
+            node,
+            entries: Mutex::new(None),
+        })))
+    }
+
+    /// The listing of an open directory, with "." and ".." first; rebuilt when read from
+    /// offset 0 (opendir or rewinddir).
+    pub fn do_readdir(&self, fh: u64, offset: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        let h = self
+            .handles
+            .get(&fh)
+            .map(|h| h.clone())
+            .ok_or_else(|| errno(libc::EBADF))?;
+        let Handle::Dir(d) = &*h else {
+            return Err(errno(libc::ENOTDIR));
+        };
+        let mut cache = d.entries.lock();
+        if offset == 0 || cache.is_none() {
+            let (layers, parent_ino) = {
+                let s = d.node.state.read();
+                let parent_ino = s.parent.as_ref().map_or(d.node.st_ino, |p| p.st_ino);
+                (DirLayer::of(s.upper.as_ref(), s.xwhiteouts, &s.lowers), parent_ino)
+            };
+            let mut entries = vec![
+                DirEntry {
+                    name: OsString::from("."),
+                    kind: fuser::FileType::Directory,
+                    ino: d.node.st_ino,
+                },
+                DirEntry {
+                    name: OsString::from(".."),
+                    kind: fuser::FileType::Directory,
+                    ino: parent_ino,
+                },
+            ];
+            entries.extend(self.read_merged(&layers, false)?);
+            *cache = Some(Arc::new(entries));
+        }
+        Ok(cache.clone().unwrap_or_default())
+    }
+
+    pub fn do_statfs(&self) -> io::Result<libc::statvfs> {
+        let fd = self.layers[0].root.as_fd();
+        sys::fstatvfs(fd)
+    }
+
+    pub fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> io::Result<Vec<u8>> {
+        if layer::is_private_xattr(name) {
+            return Err(errno(libc::ENODATA));
+        }
+        let node = self.node(ino)?;
+        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        sys::get_xattr(fd.as_fd(), name)?.ok_or_else(|| errno(libc::ENODATA))
+    }
+
+    pub fn do_listxattr(&self, ino: INodeNo) -> io::Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        let mut out = Vec::new();
+        for name in sys::list_xattr(fd.as_fd())? {
+            if !layer::is_private_xattr(&name) {
+                out.extend_from_slice(name.as_bytes());
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn do_setxattr(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        if layer::is_private_xattr(name) {
+            return Err(errno(libc::EPERM));
+        }
+        self.require_upper()?;
+        let node = self.node(ino)?;
+        let up = self.copy_up(&node, true)?;
+        sys::set_xattr(up.as_fd(), name, value, flags)
+    }
+
+    pub fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> io::Result<()> {
+        if layer::is_private_xattr(name) {
+            return Err(errno(libc::ENODATA));
+        }
+        self.require_upper()?;
+        // Nothing to remove: fail before copying anything up.
+        self.do_getxattr(ino, name)?;
+        let node = self.node(ino)?;
+        let up = self.copy_up(&node, true)?;
+        sys::remove_xattr(up.as_fd(), name)
+    }
+
+    /// access(2) against the merged attributes (the kernel checks permissions itself with
+    /// `default_permissions`; this serves callers that still ask).
+    pub fn do_access(&self, ino: INodeNo, mask: i32, caller: Caller) -> io::Result<()> {
+        let node = self.node(ino)?;
+        let st = self.stat_node(&node)?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if mask & libc::W_OK != 0 && !self.has_upper {
+            return Err(errno(libc::EROFS));
+        }
+        let mode = st.st_mode;
+        if caller.uid == 0 {
+            let any_x = mode & 0o111 != 0 || is_dir(&st);
+            return if mask & libc::X_OK != 0 && !any_x {
+                Err(errno(libc::EACCES))
+            } else {
+                Ok(())
+            };
+        }
+        let bits = if caller.uid == st.st_uid {
+            (mode >> 6) & 7
+        } else if caller.gid == st.st_gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if (mask as u32) & !bits & 7 != 0 {
+            return Err(errno(libc::EACCES));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,565 @@
+//! Every raw syscall stratafs makes, behind safe wrappers.
+//!
+//! Architecture invariant: this is the only module with `unsafe`. Each wrapper takes
+//! borrowed file descriptors and Rust strings, converts them to what the kernel wants and turns
+//! the `-1`/`errno` convention into `io::Result`. Names stay bytes end to end (`OsStr`).
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+/// The kernel's `struct stat`.
+pub type Stat = libc::stat;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A file name (or path) as a C string; an interior NUL is `EINVAL`.
+pub fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `/proc/self/fd/N`: lets path-only calls (xattrs on `O_PATH` fds, reopen) reach the object an
+/// fd refers to without any lookup by name.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+}
+
+pub fn open(path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is a valid NUL-terminated string; the returned fd is new and owned by us.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    // SAFETY: `fd` was just returned by open(2) and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let name = cstr(name)?;
+    // SAFETY: `dir` is a live fd for the duration of the call, `name` is NUL-terminated.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by openat(2) and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the object behind an `O_PATH` fd for I/O, without resolving any name.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    open(&proc_fd_path(fd), flags & !libc::O_NOFOLLOW, 0)
+}
+
+pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<Stat> {
+    let name = cstr(name)?;
+    let mut st = std::mem::MaybeUninit::<Stat>::zeroed();
+    // SAFETY: `st` points to writable memory of the right size; `name` is NUL-terminated.
+    cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so it filled `st` completely (and it was zeroed before).
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    fstatat(fd, OsStr::new(""), libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    let name = cstr(name)?;
+    // SAFETY: plain syscall on a live fd and a NUL-terminated name.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
+    let name = cstr(name)?;
+    // SAFETY: plain syscall on a live fd and a NUL-terminated name.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let target = cstr(target)?;
+    let name = cstr(name)?;
+    // SAFETY: plain syscall on a live fd and NUL-terminated strings.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+/// Hard-links the object behind `fd` (any kind of fd) as `newdir/newname`.
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
+    let old = proc_fd_path(fd);
+    let newname = cstr(newname)?;
+    // SAFETY: plain syscall; AT_SYMLINK_FOLLOW resolves the /proc magic link to the object itself.
+    cvt(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            old.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<()> {
+    let name = cstr(name)?;
+    // SAFETY: plain syscall on a live fd and a NUL-terminated name.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+pub const RENAME_WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+    flags: u32,
+) -> io::Result<()> {
+    let oldname = cstr(oldname)?;
+    let newname = cstr(newname)?;
+    // SAFETY: plain syscall on live fds and NUL-terminated names.
+    cvt(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// Reads the target of a symlink; `fd` may be an `O_PATH` fd of the link itself.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<OsString> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is writable for its whole length; an empty name reads the link `fd` is.
+    let n = cvt_size(unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(OsString::from_vec(buf))
+}
+
+/// `fchownat(fd, "", AT_EMPTY_PATH)`: works on `O_PATH` fds and never follows a symlink.
+/// `None` leaves that id unchanged.
+pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    // SAFETY: plain syscall on a live fd with a static empty name.
+    cvt(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod of the object behind any fd (through /proc, so `O_PATH` fds work too).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    // SAFETY: plain syscall on a NUL-terminated path.
+    cvt(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
+}
+
+/// truncate of the object behind any fd.
+pub fn truncate_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    // SAFETY: plain syscall on a NUL-terminated path.
+    cvt(unsafe { libc::truncate(path.as_ptr(), size as libc::off_t) }).map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a live fd.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
+}
+
+/// A time to set: a value, "now", or "leave as is".
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Omit,
+    Now,
+    At(i64, i64),
+}
+
+fn timespec(t: SetTime) -> libc::timespec {
+    match t {
+        SetTime::Omit => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        SetTime::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        SetTime::At(sec, nsec) => libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    }
+}
+
+/// Sets atime/mtime of the object behind any fd. Through /proc, so the object itself is
+/// changed even when it is a symlink (the magic link resolves to the link, not its target).
+pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    let times = [timespec(atime), timespec(mtime)];
+    // SAFETY: `times` is a valid array of two timespecs; `path` is NUL-terminated.
+    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
+}
+
+/// Reads an xattr of the object behind any fd. `Ok(None)` when it is absent (or the filesystem
+/// has no xattrs at all).
+pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
+    let path = proc_fd_path(fd);
+    let name = cstr(name)?;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // SAFETY: `buf` is writable for `buf.len()` bytes (a null pointer with size 0 asks the size).
+        let ret = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                if buf.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr().cast()
+                },
+                buf.len(),
+            )
+        };
+        match cvt_size(ret) {
+            Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => buf.resize(buf.len() * 2 + 64, 0),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENODATA) | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Lists the xattr names of the object behind any fd.
+pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let path = proc_fd_path(fd);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // SAFETY: as in `get_xattr`.
+        let ret = unsafe {
+            libc::listxattr(
+                path.as_ptr(),
+                if buf.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr().cast()
+                },
+                buf.len(),
+            )
+        };
+        match cvt_size(ret) {
+            Ok(0) => return Ok(Vec::new()),
+            Ok(n) if buf.is_empty() => buf.resize(n, 0),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| OsStr::from_bytes(s).to_os_string())
+                    .collect());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => buf.resize(buf.len() * 2 + 64, 0),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    let name = cstr(name)?;
+    // SAFETY: `value` is readable for its whole length; strings are NUL-terminated.
+    cvt(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    let name = cstr(name)?;
+    // SAFETY: strings are NUL-terminated.
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `st` is writable memory of the right size.
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatvfs succeeded and filled it.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Shares the data blocks of `src` with `dst` (reflink). Fails with EOPNOTSUPP/EXDEV/EINVAL
+/// where the filesystem cannot.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source fd as its integer argument; both fds are live.
+    cvt(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
+}
+
+pub fn copy_file_range(
+    fd_in: BorrowedFd<'_>,
+    off_in: &mut i64,
+    fd_out: BorrowedFd<'_>,
+    off_out: &mut i64,
+    len: usize,
+) -> io::Result<usize> {
+    // SAFETY: the offsets point to live i64s that the kernel updates; fds are live.
+    cvt_size(unsafe {
+        libc::copy_file_range(
+            fd_in.as_raw_fd(),
+            off_in,
+            fd_out.as_raw_fd(),
+            off_out,
+            len,
+            0,
+        )
+    })
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on a live fd.
+    let ret = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: i64, len: i64) -> io::Result<()> {
+    // SAFETY: plain syscall on a live fd.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: i64) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    cvt_size(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) })
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: i64) -> io::Result<usize> {
+    // SAFETY: `buf` is readable for its length.
+    cvt_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset) })
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain syscall on a live fd.
+    cvt(unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })
+    .map(drop)
+}
+
+pub fn umount(path: &OsStr, lazy: bool) -> io::Result<()> {
+    let path = cstr(path)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: plain syscall on a NUL-terminated path.
+    cvt(unsafe { libc::umount2(path.as_ptr(), flags) }).map(drop)
+}
+
+/// Sets the process umask: the daemon applies the caller's umask itself.
+pub fn set_umask(mask: u32) {
+    // SAFETY: umask(2) cannot fail.
+    unsafe { libc::umask(mask) };
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit: the daemon keeps one fd per live inode.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    Ok(lim.rlim_cur)
+}
+
+/// Starts a new session, detaching from the controlling terminal.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::setsid() }).map(drop)
+}
+
+/// Points `target` (e.g. stdout) at the file behind `fd`.
+pub fn dup2(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 atomically replaces `target`; `fd` is live.
+    cvt(unsafe { libc::dup2(fd.as_raw_fd(), target) }).map(drop)
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it spawns later), so one
+/// thread can wait for them with [`wait_termination_signal`].
+pub fn block_termination_signals() -> io::Result<()> {
+    let set = termination_set();
+    // SAFETY: `set` is an initialised sigset; old mask not wanted.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+fn termination_set() -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGHUP);
+        set.assume_init()
+    }
+}
+
+/// Waits for one of the blocked termination signals and returns its number.
+pub fn wait_termination_signal() -> i32 {
+    let set = termination_set();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised, `sig` is writable.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
+}
+
+/// Sends SIGTERM to this process (used to wake the signal-waiting thread at unmount).
+pub fn kill_self_term() {
+    // SAFETY: signalling our own pid.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+/// `makedev(major, minor)` as the kernel packs it.
+pub fn makedev(major: u32, minor: u32) -> u64 {
+    libc::makedev(major, minor)
+}
+
+pub fn major(dev: u64) -> u32 {
+    libc::major(dev)
+}
+
+pub fn minor(dev: u64) -> u32 {
+    libc::minor(dev)
+}
+
+/// Mount flags for [`mount_fuse`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MountFlags {
+    pub read_only: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+    pub sync: bool,
+    pub dirsync: bool,
+}
+
+/// Opens /dev/fuse and mounts it at `target` with the kernel's own mount(2), so the mount shows
+/// as `fstype` (e.g. `fuse.stratafs`) with `source` as its name. Needs CAP_SYS_ADMIN. `data` is
+/// the option string after `fd=N,rootmode=40000,user_id=U,group_id=G`.
+pub fn mount_fuse(
+    source: &OsStr,
+    target: &OsStr,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<OwnedFd> {
+    let dev = open(c"/dev/fuse", libc::O_RDWR, 0)?;
+    // SAFETY: cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut opts = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
+        dev.as_raw_fd()
+    );
+    if !data.is_empty() {
+        opts.push(',');
+        opts.push_str(data);
+    }
+    let mut mflags: libc::c_ulong = 0;
+    for (on, f) in [
+        (flags.read_only, libc::MS_RDONLY),
+        (flags.nosuid, libc::MS_NOSUID),
+        (flags.nodev, libc::MS_NODEV),
+        (flags.noexec, libc::MS_NOEXEC),
+        (flags.noatime, libc::MS_NOATIME),
+        (flags.sync, libc::MS_SYNCHRONOUS),
+        (flags.dirsync, libc::MS_DIRSYNC),
+    ] {
+        if on {
+            mflags |= f;
+        }
+    }
+    let source = cstr(source)?;
+    let target = cstr(target)?;
+    let fstype = cstr(OsStr::new(fstype))?;
+    let opts = cstr(OsStr::new(&opts))?;
+    // SAFETY: all strings are NUL-terminated and live for the call.
+    cvt(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            mflags,
+            opts.as_ptr().cast(),
+        )
+    })?;
+    Ok(dev)
+}
