@@ -563,3 +563,19 @@ pub fn mount_fuse(
     })?;
     Ok(dev)
 }
+
+/// Does `dir/name` (not following a final symlink) carry the xattr `attr`? One syscall.
+pub fn has_xattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> io::Result<bool> {
+    let mut path = proc_fd_path(dir).into_bytes();
+    path.push(b'/');
+    path.extend_from_slice(name.as_bytes());
+    let path = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let attr = cstr(attr)?;
+    // SAFETY: a null buffer with size 0 only asks for the value's size.
+    let ret = unsafe { libc::lgetxattr(path.as_ptr(), attr.as_ptr(), std::ptr::null_mut(), 0) };
+    match cvt_size(ret) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

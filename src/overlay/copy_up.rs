@@ -112,7 +112,12 @@ impl OverlayFs {
             }
             _ => {
                 sys::mknodat(work, tmp, fmt | 0o600, st.st_rdev)?;
-                sys::openat(work, tmp, libc::O_PATH | libc::O_NOFOLLOW, 0)?
+                let fd = sys::openat(work, tmp, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                if layer::is_char_0_0(st) {
+                    // Only a marked 0/0 device is visible to copy up; keep it a device.
+                    layer::mark_device(fd.as_fd())?;
+                }
+                fd
             }
         };
         copy_meta(src, dst.as_fd(), st)

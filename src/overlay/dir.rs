@@ -103,7 +103,7 @@ impl OverlayFs {
                 let ft = ent.file_type()?;
                 if ft.is_char_device() {
                     let st = sys::fstatat(dl.fd.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW)?;
-                    if layer::is_char_whiteout(&st) {
+                    if layer::is_char_whiteout(dl.fd.as_fd(), &name, &st)? {
                         layer_hidden.push(name);
                         continue;
                     }

@@ -263,7 +263,7 @@ impl OverlayFs {
             }
             Err(e) => return Err(e),
         };
-        if layer::is_char_whiteout(&st) {
+        if layer::is_char_whiteout(dir, name, &st)? {
             return Ok(Probe::Whiteout);
         }
         let flags = if is_dir(&st) {

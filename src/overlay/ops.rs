@@ -103,7 +103,7 @@ impl OverlayFs {
         self.require_upper()?;
         let pupper = self.copy_up(parent, true)?;
         let slot = match sys::fstatat(pupper.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) if layer::is_char_whiteout(&st) => Slot::CharWhiteout,
+            Ok(st) if layer::is_char_whiteout(pupper.as_fd(), name, &st)? => Slot::CharWhiteout,
             Ok(_) => return Err(errno(libc::EEXIST)),
             Err(e) if is_enoent(&e) => {
                 if layer::exists(pupper.as_fd(), &layer::whiteout_name(name))? {
@@ -168,6 +168,13 @@ impl OverlayFs {
             }
             Make::Node { mode, rdev } => {
                 sys::mknodat(bdir, &bname, (mode & libc::S_IFMT) | 0o600, *rdev)?;
+                if mode & libc::S_IFMT == libc::S_IFCHR && *rdev == 0 {
+                    let fd = sys::openat(bdir, &bname, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                    if let Err(e) = layer::mark_device(fd.as_fd()) {
+                        let _ = sys::unlinkat(bdir, &bname, 0);
+                        return Err(e);
+                    }
+                }
                 None
             }
             Make::Symlink { target } => {
@@ -495,7 +502,7 @@ impl OverlayFs {
             // Clear what the upper layer holds at the destination and the rename could not
             // replace: whiteouts of an emptied directory, a whiteout under a directory.
             match sys::fstatat(npu.as_fd(), newname, libc::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) if layer::is_char_whiteout(&st) && src_dir => {
+                Ok(st) if src_dir && layer::is_char_whiteout(npu.as_fd(), newname, &st)? => {
                     sys::unlinkat(npu.as_fd(), newname, 0)?;
                 }
                 Ok(st) if is_dir(&st) && dst.is_some() => {
