@@ -81,7 +81,9 @@ fn spawn_detached(argv: &[OsString]) -> Result<()> {
         .collect::<Vec<_>>()
         .join("; ");
     if msg.is_empty() {
-        Err(anyhow!("the daemon exited before the mount was live ({status})"))
+        Err(anyhow!(
+            "the daemon exited before the mount was live ({status})"
+        ))
     } else {
         Err(anyhow!(msg))
     }
@@ -106,7 +108,11 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         .clamp(2, 16);
     let cfg = FsConfig {
         lowers: plan.lowers.clone(),
-        upper: if o.read_only { None } else { plan.upper.clone() },
+        upper: if o.read_only {
+            None
+        } else {
+            plan.upper.clone()
+        },
         work: if o.read_only { None } else { plan.work.clone() },
         ttl: Duration::from_secs(1),
         threads,
@@ -114,11 +120,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
     let root = sys::geteuid() == 0;
     let mut mount_options = vec![
-        MountOption::FSName(
-            o.fsname
-                .clone()
-                .unwrap_or_else(|| "stratafs".to_string()),
-        ),
+        MountOption::FSName(o.fsname.clone().unwrap_or_else(|| "stratafs".to_string())),
         MountOption::Subtype(o.subtype.clone().unwrap_or_else(|| "stratafs".to_string())),
         MountOption::DefaultPermissions,
     ];
@@ -183,14 +185,8 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             sync: o.sync,
             dirsync: o.dirsync,
         };
-        let dev = sys::mount_fuse(
-            OsStr::new(&source),
-            mnt.as_os_str(),
-            &fstype,
-            flags,
-            &data,
-        )
-        .with_context(|| format!("cannot mount on '{}'", mnt.display()))?;
+        let dev = sys::mount_fuse(OsStr::new(&source), mnt.as_os_str(), &fstype, flags, &data)
+            .with_context(|| format!("cannot mount on '{}'", mnt.display()))?;
         let session = match fuser::Session::from_fd(fs, dev, config.acl, config.clone()) {
             Ok(s) => s,
             Err(e) => {

@@ -35,7 +35,11 @@ fuse-overlayfs options that do not apply yet are accepted with a warning.
 ";
 
 #[derive(Parser, Debug)]
-#[command(name = "stratafs", version, about = "An overlay filesystem in user space")]
+#[command(
+    name = "stratafs",
+    version,
+    about = "An overlay filesystem in user space"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Sub,

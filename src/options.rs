@@ -92,8 +92,22 @@ const ACCEPTED_NOT_APPLIED: &[&str] = &[
 
 /// Options that only matter to mount(8)/fstab and are dropped silently, as mount.fuse3 does.
 const MOUNT_HELPER_ONLY: &[&str] = &[
-    "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "rw", "dev",
-    "suid", "exec", "atime", "relatime", "strictatime", "async",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "nofail",
+    "_netdev",
+    "rw",
+    "dev",
+    "suid",
+    "exec",
+    "atime",
+    "relatime",
+    "strictatime",
+    "async",
 ];
 
 /// Splits an option string on unescaped commas; `\,` keeps a comma, empty items are skipped.
@@ -209,9 +223,8 @@ pub struct MountPlan {
 
 fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, OptionError> {
     let abs = std::path::absolute(p).map_err(|e| OptionError::Path(what.into(), e.to_string()))?;
-    let c = fs::canonicalize(&abs).map_err(|e| {
-        OptionError::Path(format!("{what} '{}'", p.display()), e.to_string())
-    })?;
+    let c = fs::canonicalize(&abs)
+        .map_err(|e| OptionError::Path(format!("{what} '{}'", p.display()), e.to_string()))?;
     let md = fs::metadata(&c)
         .map_err(|e| OptionError::Path(format!("{what} '{}'", p.display()), e.to_string()))?;
     if !md.is_dir() {
@@ -248,8 +261,13 @@ pub fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d)) {
-            let v = b[i + 1..i + 4].iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
             if let Ok(v) = u8::try_from(v) {
                 out.push(v);
                 i += 4;

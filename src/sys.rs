@@ -76,7 +76,11 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<Stat
 }
 
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
-    fstatat(fd, OsStr::new(""), libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    fstatat(
+        fd,
+        OsStr::new(""),
+        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+    )
 }
 
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {

@@ -34,7 +34,11 @@ impl OverlayFs {
             }
             let parent = s.parent.clone().ok_or_else(|| errno(libc::ESTALE))?;
             let src = s.lowers.first().map(|l| l.fd.clone());
-            (parent, s.name.clone(), src.ok_or_else(|| errno(libc::ESTALE))?)
+            (
+                parent,
+                s.name.clone(),
+                src.ok_or_else(|| errno(libc::ESTALE))?,
+            )
         };
         let pupper = self.copy_up(&parent, true)?;
         let fd = self.copy_up_obj(pupper.as_fd(), &name, src.as_fd(), with_data, node.st_ino)?;
@@ -126,7 +130,11 @@ impl OverlayFs {
 
 /// Owner, xattrs (ACLs and capabilities included), mode and times, in the order that keeps each
 /// one: chown first (it clears set-id bits and capabilities), times last.
-pub(super) fn copy_meta(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, st: &sys::Stat) -> io::Result<()> {
+pub(super) fn copy_meta(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    st: &sys::Stat,
+) -> io::Result<()> {
     let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
     sys::fchown(dst, Some(st.st_uid), Some(st.st_gid))?;
     for name in sys::list_xattr(src)? {

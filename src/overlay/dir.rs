@@ -108,12 +108,7 @@ impl OverlayFs {
                         continue;
                     }
                 } else if dl.xwhiteouts && ft.is_file() {
-                    let fd = sys::openat(
-                        dl.fd.as_fd(),
-                        &name,
-                        libc::O_PATH | libc::O_NOFOLLOW,
-                        0,
-                    )?;
+                    let fd = sys::openat(dl.fd.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
                     let st = sys::fstat(fd.as_fd())?;
                     if layer::is_xattr_whiteout(fd.as_fd(), &st)? {
                         layer_hidden.push(name);

@@ -54,6 +54,18 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 
 const GEN: Generation = Generation(0);
 
+/// Runs one request's work; a panic fails that request alone (EIO) instead of taking a worker
+/// thread, and the caller waiting on it, down.
+fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!("request handler panicked; failing the request with EIO");
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+    }
+}
+
 impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for cap in [
@@ -68,7 +80,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.do_lookup(parent, name) {
+        match guard(|| self.do_lookup(parent, name)) {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
             Err(e) => reply.error(errno(e)),
         }
@@ -79,7 +91,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.do_getattr(ino, fh.map(|f| f.0)) {
+        match guard(|| self.do_getattr(ino, fh.map(|f| f.0))) {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
             Err(e) => reply.error(errno(e)),
         }
@@ -103,16 +115,18 @@ impl Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let res = self.do_setattr(
-            ino,
-            mode,
-            uid,
-            gid,
-            size,
-            set_time(atime),
-            set_time(mtime),
-            fh.map(|f| f.0),
-        );
+        let res = guard(|| {
+            self.do_setattr(
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                set_time(atime),
+                set_time(mtime),
+                fh.map(|f| f.0),
+            )
+        });
         match res {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
             Err(e) => reply.error(errno(e)),
@@ -120,7 +134,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.do_readlink(ino) {
+        match guard(|| self.do_readlink(ino)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
         }
@@ -136,7 +150,7 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mknod(parent, name, mode, umask, rdev, caller(req)) {
+        match guard(|| self.do_mknod(parent, name, mode, umask, rdev, caller(req))) {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
             Err(e) => reply.error(errno(e)),
         }
@@ -151,21 +165,21 @@ impl Filesystem for OverlayFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mkdir(parent, name, mode, umask, caller(req)) {
+        match guard(|| self.do_mkdir(parent, name, mode, umask, caller(req))) {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_remove(parent, name, false) {
+        match guard(|| self.do_remove(parent, name, false)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_remove(parent, name, true) {
+        match guard(|| self.do_remove(parent, name, true)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -179,7 +193,7 @@ impl Filesystem for OverlayFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.do_symlink(parent, link_name, target, caller(req)) {
+        match guard(|| self.do_symlink(parent, link_name, target, caller(req))) {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
             Err(e) => reply.error(errno(e)),
         }
@@ -187,7 +201,7 @@ impl Filesystem for OverlayFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -195,7 +209,8 @@ impl Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.do_rename(parent, name, newparent, newname, flags.bits()) {
+        match guard(|| self.do_rename(parent, name, newparent, newname, flags.bits(), caller(req)))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -209,14 +224,14 @@ impl Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.do_link(ino, newparent, newname) {
+        match guard(|| self.do_link(ino, newparent, newname)) {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino, flags.0) {
+        match guard(|| self.do_open(ino, flags.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
@@ -233,7 +248,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh.0, offset, size) {
+        match guard(|| self.do_read(fh.0, offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
         }
@@ -251,7 +266,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh.0, offset, data) {
+        match guard(|| self.do_write(fh.0, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -290,14 +305,14 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.with_file(fh.0, |fd| sys::fsync(fd, datasync)) {
+        match guard(|| self.with_file(fh.0, |fd| sys::fsync(fd, datasync))) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_opendir(ino) {
+        match guard(|| self.do_opendir(ino)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
@@ -311,7 +326,7 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.do_readdir(fh.0, offset) {
+        let entries = match guard(|| self.do_readdir(fh.0, offset)) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
@@ -347,7 +362,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.do_statfs() {
+        match guard(|| self.do_statfs()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -372,35 +387,35 @@ impl Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.do_setxattr(ino, name, value, flags) {
+        match guard(|| self.do_setxattr(ino, name, value, flags)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.do_getxattr(ino, name) {
+        match guard(|| self.do_getxattr(ino, name)) {
             Ok(v) => reply_xattr(reply, &v, size),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.do_listxattr(ino) {
+        match guard(|| self.do_listxattr(ino)) {
             Ok(v) => reply_xattr(reply, &v, size),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_removexattr(ino, name) {
+        match guard(|| self.do_removexattr(ino, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.do_access(ino, mask.bits(), caller(req)) {
+        match guard(|| self.do_access(ino, mask.bits(), caller(req))) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -416,14 +431,10 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(parent, name, mode, umask, flags, caller(req)) {
-            Ok((attr, _, fh)) => reply.created(
-                &self.ttl(),
-                &attr,
-                GEN,
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+        match guard(|| self.do_create(parent, name, mode, umask, flags, caller(req))) {
+            Ok((attr, _, fh)) => {
+                reply.created(&self.ttl(), &attr, GEN, FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -438,8 +449,10 @@ impl Filesystem for OverlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let res = self.with_file(fh.0, |fd| {
-            sys::fallocate(fd, mode, offset as i64, length as i64)
+        let res = guard(|| {
+            self.with_file(fh.0, |fd| {
+                sys::fallocate(fd, mode, offset as i64, length as i64)
+            })
         });
         match res {
             Ok(()) => reply.ok(),
@@ -456,7 +469,7 @@ impl Filesystem for OverlayFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.with_file(fh.0, |fd| sys::lseek(fd, offset, whence)) {
+        match guard(|| self.with_file(fh.0, |fd| sys::lseek(fd, offset, whence))) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(errno(e)),
         }
@@ -475,12 +488,14 @@ impl Filesystem for OverlayFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let res = self.with_file(fh_in.0, |fin| {
-            self.with_file(fh_out.0, |fout| {
-                let mut oi = offset_in as i64;
-                let mut oo = offset_out as i64;
-                let len = len.min(u64::from(u32::MAX)) as usize;
-                sys::copy_file_range(fin, &mut oi, fout, &mut oo, len)
+        let res = guard(|| {
+            self.with_file(fh_in.0, |fin| {
+                self.with_file(fh_out.0, |fout| {
+                    let mut oi = offset_in as i64;
+                    let mut oo = offset_out as i64;
+                    let len = len.min(u64::from(u32::MAX)) as usize;
+                    sys::copy_file_range(fin, &mut oi, fout, &mut oo, len)
+                })
             })
         });
         match res {

@@ -56,7 +56,9 @@ pub struct NodeState {
 impl NodeState {
     /// The topmost real object: upper if copied up, else the topmost lower.
     pub fn top(&self) -> Option<&Arc<OwnedFd>> {
-        self.upper.as_ref().or_else(|| self.lowers.first().map(|l| &l.fd))
+        self.upper
+            .as_ref()
+            .or_else(|| self.lowers.first().map(|l| &l.fd))
     }
 
     /// Does a lower layer hold this object (so removing it needs a whiteout)?
@@ -131,6 +133,22 @@ impl InodeTable {
                 node.lookups.store(1, Ordering::Relaxed);
                 e.insert(node.clone());
                 (node, false)
+            }
+        }
+    }
+
+    /// Counts one kernel lookup on a node the caller already holds (`.` and `..` lookups),
+    /// putting it back in the table if it had been forgotten.
+    pub fn reference(&self, node: &Arc<Node>) -> Arc<Node> {
+        match self.by_id.entry(node.st_ino) {
+            Entry::Occupied(e) => {
+                e.get().lookups.fetch_add(1, Ordering::AcqRel);
+                e.get().clone()
+            }
+            Entry::Vacant(e) => {
+                node.lookups.store(1, Ordering::Release);
+                e.insert(node.clone());
+                node.clone()
             }
         }
     }

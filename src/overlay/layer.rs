@@ -129,7 +129,7 @@ pub fn mark_device(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn whiteout_name(name: &OsStr) -> std::ffi::OsString {
     let mut v = WHITEOUT_PREFIX.to_vec();
     v.extend_from_slice(name.as_bytes());
-    std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&v).to_os_string())
+    std::ffi::OsStr::from_bytes(&v).to_os_string()
 }
 
 /// Names that belong to the on-disk format and are never visible or creatable in the merged

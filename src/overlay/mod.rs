@@ -295,7 +295,9 @@ impl OverlayFs {
         if parent.lowers.is_empty() {
             return Ok(false);
         }
-        Ok(self.resolve_in(None, false, &parent.lowers, name)?.is_some())
+        Ok(self
+            .resolve_in(None, false, &parent.lowers, name)?
+            .is_some())
     }
 
     fn resolve_in(
@@ -432,7 +434,12 @@ impl OverlayFs {
 
     /// fstat of the topmost object of a node.
     fn stat_node(&self, node: &Node) -> io::Result<sys::Stat> {
-        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        let fd = node
+            .state
+            .read()
+            .top()
+            .cloned()
+            .ok_or_else(|| errno(libc::ESTALE))?;
         sys::fstat(fd.as_fd())
     }
 
@@ -440,6 +447,18 @@ impl OverlayFs {
         let parent = self.node(parent)?;
         if !parent.is_dir {
             return Err(errno(libc::ENOTDIR));
+        }
+        if name == "." || name == ".." {
+            // Asked by the kernel to reconnect file handles (name_to_handle_at / NFS export).
+            let target = if name == "." {
+                parent.clone()
+            } else {
+                let up = parent.state.read().parent.clone();
+                up.unwrap_or_else(|| parent.clone())
+            };
+            let node = self.table.reference(&target);
+            let st = self.stat_node(&node)?;
+            return Ok((self.attr(&node, &st), node.st_ino));
         }
         let found = {
             let state = parent.state.read();
@@ -456,13 +475,11 @@ impl OverlayFs {
 
     pub fn do_getattr(&self, ino: INodeNo, fh: Option<u64>) -> io::Result<FileAttr> {
         let node = self.node(ino)?;
-        if let Some(fh) = fh {
-            if let Some(h) = self.handles.get(&fh).map(|h| h.clone()) {
-                if let ops::Handle::File(f) = &*h {
-                    let st = sys::fstat(f.fd.as_fd())?;
-                    return Ok(self.attr(&node, &st));
-                }
-            }
+        if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()))
+            && let ops::Handle::File(f) = &*h
+        {
+            let st = sys::fstat(f.fd.as_fd())?;
+            return Ok(self.attr(&node, &st));
         }
         let st = self.stat_node(&node)?;
         Ok(self.attr(&node, &st))

@@ -131,12 +131,18 @@ impl OverlayFs {
         let (pupper, slot) = self.prepare_slot(parent, name)?;
         let pst = sys::fstat(pupper.as_fd())?;
         let setgid_parent = pst.st_mode & libc::S_ISGID != 0;
-        let gid = if setgid_parent { pst.st_gid } else { caller.gid };
+        let gid = if setgid_parent {
+            pst.st_gid
+        } else {
+            caller.gid
+        };
         let is_link = matches!(make, Make::Link { .. });
         let mk_dir = matches!(make, Make::Dir { .. });
         let mut final_mode = match &make {
             Make::File { mode, .. } | Make::Node { mode, .. } => Some(mode & 0o7777),
-            Make::Dir { mode } => Some(mode & 0o7777 | if setgid_parent { libc::S_ISGID } else { 0 }),
+            Make::Dir { mode } => {
+                Some(mode & 0o7777 | if setgid_parent { libc::S_ISGID } else { 0 })
+            }
             Make::Symlink { .. } | Make::Link { .. } => None,
         };
         if let Some(m) = final_mode.as_mut() {
@@ -157,7 +163,8 @@ impl OverlayFs {
         };
         let open_fd = match &make {
             Make::File { flags, .. } => {
-                let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+                let flags = (flags
+                    & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
                     | libc::O_CREAT
                     | libc::O_EXCL;
                 Some(sys::openat(bdir, &bname, flags, 0o600)?)
@@ -364,12 +371,12 @@ impl OverlayFs {
             (None, _) => self.make_whiteout(pupper.as_fd(), name)?,
         }
         let st_ino = self.stino_of(&found);
-        if let Some((_, st)) = &found.upper {
-            if found_dir || st.st_nlink <= 1 {
-                // The upper inode is gone once its node is: its number may come back as a
-                // different object.
-                self.copied.remove(&st.st_ino);
-            }
+        if let Some((_, st)) = &found.upper
+            && (found_dir || st.st_nlink <= 1)
+        {
+            // The upper inode is gone once its node is: its number may come back as a
+            // different object.
+            self.copied.remove(&st.st_ino);
         }
         if let Some(node) = self.table.get(st_ino) {
             node.state.write().unlinked = true;
@@ -399,7 +406,12 @@ impl OverlayFs {
     }
 
     /// Replaces the upper object at `name` with a whiteout in one atomic step.
-    fn replace_with_whiteout(&self, pupper: BorrowedFd<'_>, name: &OsStr, dir: bool) -> io::Result<()> {
+    fn replace_with_whiteout(
+        &self,
+        pupper: BorrowedFd<'_>,
+        name: &OsStr,
+        dir: bool,
+    ) -> io::Result<()> {
         if !self.style.char_whiteout {
             self.make_whiteout(pupper, name)?;
             return remove_entry(pupper, name);
@@ -430,12 +442,40 @@ impl OverlayFs {
         newparent: INodeNo,
         newname: &OsStr,
         flags: u32,
+        caller: Caller,
     ) -> io::Result<()> {
-        if flags & !(sys::RENAME_NOREPLACE | sys::RENAME_EXCHANGE) != 0
-            || flags == sys::RENAME_NOREPLACE | sys::RENAME_EXCHANGE
+        let known = sys::RENAME_NOREPLACE | sys::RENAME_EXCHANGE | sys::RENAME_WHITEOUT;
+        if flags & !known != 0
+            || (flags & sys::RENAME_EXCHANGE != 0 && flags != sys::RENAME_EXCHANGE)
         {
             return Err(errno(libc::EINVAL));
         }
+        let whiteout = flags & sys::RENAME_WHITEOUT != 0;
+        let flags = flags & !sys::RENAME_WHITEOUT;
+        self.rename_inner(parent, name, newparent, newname, flags)?;
+        if whiteout {
+            // As on ext4: a char 0/0 device, visible, where the source was. (In the merged
+            // view it is a real device, not one of our whiteouts.)
+            let p = self.dir_node(parent)?;
+            let make = Make::Node {
+                mode: libc::S_IFCHR,
+                rdev: 0,
+            };
+            let (_, st_ino, _) = self.create_obj(&p, name, make, caller)?;
+            // Nobody looked it up: don't keep a kernel reference for it.
+            self.table.forget(st_ino, 1);
+        }
+        Ok(())
+    }
+
+    fn rename_inner(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: u32,
+    ) -> io::Result<()> {
         let exchange = flags & sys::RENAME_EXCHANGE != 0;
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
@@ -534,30 +574,33 @@ impl OverlayFs {
             s.parent = Some(np.clone());
             s.name = newname.to_os_string();
         }
-        if let Some(dino) = dst_ino {
-            if let Some(node) = self.table.get(dino) {
-                let mut s = node.state.write();
-                if exchange {
-                    s.parent = Some(p.clone());
-                    s.name = name.to_os_string();
-                } else {
-                    s.unlinked = true;
-                }
+        if let Some(node) = dst_ino.and_then(|d| self.table.get(d)) {
+            let mut s = node.state.write();
+            if exchange {
+                s.parent = Some(p.clone());
+                s.name = name.to_os_string();
+            } else {
+                s.unlinked = true;
             }
         }
         Ok(())
     }
 
     /// Copies up an object found by lookup, through its live node when there is one.
-    fn copy_up_found(&self, pupper: &OwnedFd, name: &OsStr, found: &Found) -> io::Result<Arc<OwnedFd>> {
+    fn copy_up_found(
+        &self,
+        pupper: &OwnedFd,
+        name: &OsStr,
+        found: &Found,
+    ) -> io::Result<Arc<OwnedFd>> {
         if let Some((fd, _)) = &found.upper {
             return Ok(fd.clone());
         }
         let st_ino = self.stino_of(found);
-        if let Some(node) = self.table.get(st_ino) {
-            if !node.is_dir {
-                return self.copy_up(&node, true);
-            }
+        if let Some(node) = self.table.get(st_ino)
+            && !node.is_dir
+        {
+            return self.copy_up(&node, true);
         }
         let (lower, _) = &found.lowers[0];
         self.copy_up_obj(pupper.as_fd(), name, lower.fd.as_fd(), true, st_ino)
@@ -613,7 +656,12 @@ impl OverlayFs {
 
     pub fn do_readlink(&self, ino: INodeNo) -> io::Result<Vec<u8>> {
         let node = self.node(ino)?;
-        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        let fd = node
+            .state
+            .read()
+            .top()
+            .cloned()
+            .ok_or_else(|| errno(libc::ESTALE))?;
         Ok(sys::readlink_fd(fd.as_fd())?.as_bytes().to_vec())
     }
 
@@ -636,7 +684,11 @@ impl OverlayFs {
     }
 
     /// Runs `f` on the real fd behind an open file.
-    pub fn with_file<T>(&self, fh: u64, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
+    pub fn with_file<T>(
+        &self,
+        fh: u64,
+        f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
         let h = self.file(fh)?;
         match &*h {
             Handle::File(file) => f(file.fd.as_fd()),
@@ -652,7 +704,11 @@ impl OverlayFs {
             self.require_upper()?;
             self.copy_up(&node, flags & libc::O_TRUNC == 0)?
         } else {
-            node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?
+            node.state
+                .read()
+                .top()
+                .cloned()
+                .ok_or_else(|| errno(libc::ESTALE))?
         };
         let real = sys::reopen(
             fd.as_fd(),
@@ -718,7 +774,10 @@ impl OverlayFs {
             let (layers, parent_ino) = {
                 let s = d.node.state.read();
                 let parent_ino = s.parent.as_ref().map_or(d.node.st_ino, |p| p.st_ino);
-                (DirLayer::of(s.upper.as_ref(), s.xwhiteouts, &s.lowers), parent_ino)
+                (
+                    DirLayer::of(s.upper.as_ref(), s.xwhiteouts, &s.lowers),
+                    parent_ino,
+                )
             };
             let mut entries = vec![
                 DirEntry {
@@ -748,13 +807,23 @@ impl OverlayFs {
             return Err(errno(libc::ENODATA));
         }
         let node = self.node(ino)?;
-        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        let fd = node
+            .state
+            .read()
+            .top()
+            .cloned()
+            .ok_or_else(|| errno(libc::ESTALE))?;
         sys::get_xattr(fd.as_fd(), name)?.ok_or_else(|| errno(libc::ENODATA))
     }
 
     pub fn do_listxattr(&self, ino: INodeNo) -> io::Result<Vec<u8>> {
         let node = self.node(ino)?;
-        let fd = node.state.read().top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+        let fd = node
+            .state
+            .read()
+            .top()
+            .cloned()
+            .ok_or_else(|| errno(libc::ESTALE))?;
         let mut out = Vec::new();
         for name in sys::list_xattr(fd.as_fd())? {
             if !layer::is_private_xattr(&name) {
@@ -765,7 +834,13 @@ impl OverlayFs {
         Ok(out)
     }
 
-    pub fn do_setxattr(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    pub fn do_setxattr(
+        &self,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> io::Result<()> {
         if layer::is_private_xattr(name) {
             return Err(errno(libc::EPERM));
         }
