@@ -102,6 +102,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     // Modes of new objects come from the caller's request, not from our umask.
     sys::set_umask(0);
     let _ = sys::raise_nofile_limit();
+    let root = sys::geteuid() == 0;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -114,11 +115,13 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             plan.upper.clone()
         },
         work: if o.read_only { None } else { plan.work.clone() },
-        ttl: Duration::from_secs(1),
+        // Every change goes through the kernel, which updates or drops what it cached; the
+        // layers are not to be changed behind the mount's back (as with the kernel's overlayfs).
+        ttl: Duration::from_secs(3600),
         threads,
+        passthrough: root && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
     };
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
-    let root = sys::geteuid() == 0;
     let mut mount_options = vec![
         MountOption::FSName(o.fsname.clone().unwrap_or_else(|| "stratafs".to_string())),
         MountOption::Subtype(o.subtype.clone().unwrap_or_else(|| "stratafs".to_string())),

@@ -9,14 +9,15 @@ use std::time::SystemTime;
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::debug;
 
 use super::OverlayFs;
-use super::ops::Caller;
+use super::ops::{Caller, OpenPlan};
 use crate::sys::{self, SetTime};
+use std::sync::atomic::Ordering;
 
 fn errno(e: io::Error) -> Errno {
     match e.raw_os_error() {
@@ -72,16 +73,38 @@ impl Filesystem for OverlayFs {
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_EXPORT_SUPPORT,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
             // Optional: a kernel without one of these still works, only slower.
             let _ = config.add_capabilities(cap);
         }
+        // Passthrough lets the kernel do file I/O on the layer file itself. Stack depth 1: the
+        // layers may not be stacked filesystems, and one more overlay may sit on this mount.
+        let passthrough = self.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(passthrough, Ordering::Relaxed);
+        if !passthrough {
+            let wb = config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+            self.writeback.store(wb, Ordering::Relaxed);
+        }
+        let _ = config.set_max_write(1 << 20);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match guard(|| self.do_lookup(parent, name)) {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
+            // Node id 0 is a negative entry the kernel may cache: every change of this name
+            // goes through the kernel, which drops it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                reply.entry(&self.ttl(), &negative_attr(), GEN)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -231,9 +254,19 @@ impl Filesystem for OverlayFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match guard(|| self.do_open(ino, flags.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        let (fh, plan) = match guard(|| self.do_open(ino, flags.0)) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match plan {
+            OpenPlan::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenPlan::DirectIo => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            OpenPlan::Passthrough(node) => {
+                match self.attach_backing(fh, &node, |fd| reply.open_backing(fd)) {
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                }
+            }
         }
     }
 
@@ -338,6 +371,43 @@ impl Filesystem for OverlayFs {
         reply.ok();
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match guard(|| self.do_readdir(fh.0, offset)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let ttl = self.ttl();
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            if e.name == "." || e.name == ".." {
+                // The kernel takes no reference for these two, whatever we send.
+                let mut attr = negative_attr();
+                attr.ino = INodeNo(e.ino);
+                attr.kind = fuser::FileType::Directory;
+                if reply.add(INodeNo(e.ino), next, &e.name, &ttl, &attr, GEN) {
+                    break;
+                }
+                continue;
+            }
+            // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
+            let Ok((attr, id)) = guard(|| self.do_lookup(ino, &e.name)) else {
+                continue; // removed since the listing was taken
+            };
+            if reply.add(INodeNo(id), next, &e.name, &ttl, &attr, GEN) {
+                self.do_forget(INodeNo(id), 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -431,11 +501,46 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match guard(|| self.do_create(parent, name, mode, umask, flags, caller(req))) {
-            Ok((attr, _, fh)) => {
-                reply.created(&self.ttl(), &attr, GEN, FileHandle(fh), FopenFlags::empty())
+        let (attr, fh, plan) =
+            match guard(|| self.do_create(parent, name, mode, umask, flags, caller(req))) {
+                Ok((attr, _, fh, plan)) => (attr, fh, plan),
+                Err(e) => return reply.error(errno(e)),
+            };
+        let ttl = self.ttl();
+        match plan {
+            OpenPlan::Cached => reply.created(
+                &ttl,
+                &attr,
+                GEN,
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            OpenPlan::DirectIo => reply.created(
+                &ttl,
+                &attr,
+                GEN,
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
+            OpenPlan::Passthrough(node) => {
+                match self.attach_backing(fh, &node, |fd| reply.open_backing(fd)) {
+                    Some(id) => reply.created_passthrough(
+                        &ttl,
+                        &attr,
+                        GEN,
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    None => reply.created(
+                        &ttl,
+                        &attr,
+                        GEN,
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_DIRECT_IO,
+                    ),
+                }
             }
-            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -505,6 +610,26 @@ impl Filesystem for OverlayFs {
                 reply.error(errno(e))
             }
         }
+    }
+}
+
+fn negative_attr() -> fuser::FileAttr {
+    fuser::FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: fuser::FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 

@@ -6,8 +6,8 @@
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -31,6 +31,20 @@ pub struct Node {
     /// Serialises copy-up of this node, so two writers never copy it twice. Only this node's
     /// requests wait on it; everything else goes on.
     pub copy_lock: Mutex<()>,
+    /// How this node's open files do I/O; see `ops::OpenPlan`.
+    pub io: Mutex<NodeIo>,
+}
+
+/// I/O mode bookkeeping of a node's open files. The kernel allows either page-cached opens or
+/// passthrough opens of one inode at a time, and only one backing file for all its passthrough
+/// opens.
+#[derive(Debug, Default)]
+pub struct NodeIo {
+    /// The upper file's backing id, shared by this node's passthrough opens. Weak: it closes
+    /// with the last open that uses it.
+    pub backing: Option<Weak<fuser::BackingId>>,
+    /// Open files of this node in page-cached mode (read-only opens of a lower file).
+    pub cached_opens: usize,
 }
 
 /// Where the object lives in the layers.
@@ -80,6 +94,7 @@ impl Node {
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
             copy_lock: Mutex::new(()),
+            io: Mutex::new(NodeIo::default()),
         }
     }
 }

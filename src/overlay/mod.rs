@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -43,6 +43,8 @@ pub struct FsConfig {
     pub ttl: Duration,
     /// Number of FUSE worker threads.
     pub threads: usize,
+    /// Use kernel passthrough for file I/O when the kernel offers it (needs CAP_SYS_ADMIN).
+    pub passthrough: bool,
 }
 
 /// A lower object found by lookup.
@@ -74,6 +76,12 @@ pub struct OverlayFs {
     copied: DashMap<u64, u64>,
     tmp_counter: AtomicU64,
     ttl: Duration,
+    /// Kernel passthrough for regular files is on (root, and a kernel that has it).
+    passthrough: AtomicBool,
+    /// The kernel's writeback cache is on (when passthrough is not: the two exclude each other).
+    writeback: AtomicBool,
+    /// Ask for passthrough at init.
+    want_passthrough: bool,
 }
 
 /// How a name looks in one layer directory.
@@ -202,6 +210,9 @@ impl OverlayFs {
             copied: DashMap::new(),
             tmp_counter: AtomicU64::new(0),
             ttl: cfg.ttl,
+            passthrough: AtomicBool::new(false),
+            writeback: AtomicBool::new(false),
+            want_passthrough: cfg.passthrough,
         })
     }
 

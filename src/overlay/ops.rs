@@ -40,6 +40,37 @@ pub struct FileHandle {
     /// The real file (upper after copy-up, or the lower file for read-only opens).
     pub fd: OwnedFd,
     pub writable: bool,
+    /// The passthrough backing this open uses, kept alive until release.
+    pub backing: std::sync::OnceLock<Arc<fuser::BackingId>>,
+    /// The node, when this open counts in its `cached_opens`.
+    pub cached_of: Option<Arc<Node>>,
+}
+
+impl Drop for FileHandle {
+    fn drop(&mut self) {
+        if let Some(node) = &self.cached_of {
+            let mut io = node.io.lock();
+            io.cached_opens = io.cached_opens.saturating_sub(1);
+        }
+    }
+}
+
+/// How an open file does its I/O, decided at open.
+///
+/// Lower files are read through the daemon into the kernel's page cache, never passed through:
+/// the kernel lets an inode have one backing file only, so a lower backing would leave a later
+/// write open (after copy-up) nothing correct to do. Upper files are passed through to the
+/// kernel when the daemon may (root, a kernel with passthrough). A node that still has
+/// page-cached opens from before its copy-up gets direct I/O through the daemon for its new
+/// opens, which the kernel allows beside them.
+#[derive(Debug)]
+pub enum OpenPlan {
+    /// Through the daemon, page cache kept across opens.
+    Cached,
+    /// Through the daemon, no page cache.
+    DirectIo,
+    /// Kernel passthrough to the node's upper file.
+    Passthrough(Arc<Node>),
 }
 
 #[derive(Debug)]
@@ -321,17 +352,26 @@ impl OverlayFs {
         umask: u32,
         flags: i32,
         caller: Caller,
-    ) -> io::Result<(FileAttr, u64, u64)> {
+    ) -> io::Result<(FileAttr, u64, u64, OpenPlan)> {
         let parent = self.dir_node(parent)?;
         let make = Make::File {
-            flags,
+            flags: self.real_open_flags(flags),
             mode: mode & !umask,
         };
         let (attr, id, fd) = self.create_obj(&parent, name, make, caller)?;
         let fd = fd.ok_or_else(|| errno(libc::EIO))?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let fh = self.add_handle(Handle::File(FileHandle { fd, writable }));
-        Ok((attr, id, fh))
+        let fh = self.add_handle(Handle::File(FileHandle {
+            fd,
+            writable,
+            backing: std::sync::OnceLock::new(),
+            cached_of: None,
+        }));
+        let plan = match self.table.get(id) {
+            Some(node) if self.passthrough.load(Ordering::Relaxed) => OpenPlan::Passthrough(node),
+            _ => OpenPlan::Cached,
+        };
+        Ok((attr, id, fh, plan))
     }
 
     /// Removes `name` (a directory if `dir`), leaving a whiteout where a lower layer shows it.
@@ -696,28 +736,98 @@ impl OverlayFs {
         }
     }
 
-    pub fn do_open(&self, ino: INodeNo, flags: i32) -> io::Result<u64> {
+    pub fn do_open(&self, ino: INodeNo, flags: i32) -> io::Result<(u64, OpenPlan)> {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writing = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        let fd = if writing {
+        if writing {
             self.require_upper()?;
-            self.copy_up(&node, flags & libc::O_TRUNC == 0)?
-        } else {
-            node.state
-                .read()
-                .top()
-                .cloned()
-                .ok_or_else(|| errno(libc::ESTALE))?
+            self.copy_up(&node, flags & libc::O_TRUNC == 0)?;
+        }
+        // Decide under the node's io lock, so a copy-up racing with this open cannot pair a
+        // page-cached open with a passthrough one.
+        let mut io = node.io.lock();
+        let (fd, upper) = {
+            let s = node.state.read();
+            let top = s.top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
+            (top, s.upper.is_some())
         };
-        let real = sys::reopen(
-            fd.as_fd(),
-            flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY),
-        )?;
-        Ok(self.add_handle(Handle::File(FileHandle {
+        let real = sys::reopen(fd.as_fd(), self.real_open_flags(flags))?;
+        let is_reg = sys::fstat(real.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFREG;
+        let mut counted = false;
+        let plan = if !self.passthrough.load(Ordering::Relaxed) || !is_reg {
+            OpenPlan::Cached
+        } else if !upper {
+            io.cached_opens += 1;
+            counted = true;
+            OpenPlan::Cached
+        } else if io.cached_opens > 0 {
+            OpenPlan::DirectIo
+        } else {
+            OpenPlan::Passthrough(node.clone())
+        };
+        drop(io);
+        let fh = self.add_handle(Handle::File(FileHandle {
             fd: real,
             writable: acc != libc::O_RDONLY,
-        })))
+            backing: std::sync::OnceLock::new(),
+            cached_of: counted.then(|| node.clone()),
+        }));
+        Ok((fh, plan))
+    }
+
+    /// The flags the real file is opened with. With the writeback cache the kernel reads pages
+    /// of write-only files and computes append offsets itself.
+    fn real_open_flags(&self, flags: i32) -> i32 {
+        let mut f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        if self.writeback.load(Ordering::Relaxed) {
+            if f & libc::O_ACCMODE == libc::O_WRONLY {
+                f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            f &= !libc::O_APPEND;
+        }
+        f
+    }
+
+    /// Finds or registers the upper file's passthrough backing for an open planned as
+    /// passthrough. `register` asks the kernel for a backing id for an fd. `None`: use direct
+    /// I/O through the daemon instead.
+    pub fn attach_backing(
+        &self,
+        fh: u64,
+        node: &Node,
+        register: impl FnOnce(BorrowedFd<'_>) -> io::Result<fuser::BackingId>,
+    ) -> Option<Arc<fuser::BackingId>> {
+        let h = self.handles.get(&fh).map(|h| h.clone())?;
+        let Handle::File(file) = &*h else { return None };
+        let mut io = node.io.lock();
+        if io.cached_opens > 0 {
+            return None;
+        }
+        if let Some(id) = io.backing.as_ref().and_then(|w| w.upgrade()) {
+            let _ = file.backing.set(id.clone());
+            return Some(id);
+        }
+        // The kernel does every passthrough read and write of this inode through this one
+        // file: open it read-write whatever this open asked for.
+        let top = node.state.read().upper.clone()?;
+        let backing_fd = sys::reopen(top.as_fd(), libc::O_RDWR);
+        let reg = match &backing_fd {
+            Ok(fd) => register(fd.as_fd()),
+            Err(_) => register(file.fd.as_fd()),
+        };
+        match reg {
+            Ok(id) => {
+                let id = Arc::new(id);
+                io.backing = Some(Arc::downgrade(&id));
+                let _ = file.backing.set(id.clone());
+                Some(id)
+            }
+            Err(e) => {
+                tracing::warn!("passthrough backing refused ({e}); using daemon I/O");
+                None
+            }
+        }
     }
 
     pub fn do_release(&self, fh: u64) {
