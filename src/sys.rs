@@ -583,3 +583,24 @@ pub fn has_xattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> io::Resu
         Err(e) => Err(e),
     }
 }
+
+pub fn linkat(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+) -> io::Result<()> {
+    let oldname = cstr(oldname)?;
+    let newname = cstr(newname)?;
+    // SAFETY: plain syscall on live fds and NUL-terminated names.
+    cvt(unsafe {
+        libc::linkat(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}

@@ -435,14 +435,36 @@ impl OverlayFs {
     /// Puts a whiteout at `name`, where the upper layer has nothing.
     fn make_whiteout(&self, pupper: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         if self.style.char_whiteout {
-            sys::mknodat(pupper, name, libc::S_IFCHR, 0)
+            self.link_whiteout(pupper, name)
         } else {
             let wh = layer::whiteout_name(name);
-            match sys::openat(pupper, &wh, libc::O_CREAT | libc::O_WRONLY, 0) {
-                Ok(_) => Ok(()),
-                Err(e) => Err(e),
+            sys::openat(pupper, &wh, libc::O_CREAT | libc::O_WRONLY, 0).map(drop)
+        }
+    }
+
+    /// Makes `dir/name` a char 0/0 whiteout by hard-linking one shared whiteout inode kept in
+    /// the work dir, as the kernel does: a link is far cheaper than a new inode. Falls back to
+    /// mknod when the shared one is full (EMLINK) or cannot be linked.
+    fn link_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+        const SHARED: &str = "#whiteout";
+        let work = self.work()?;
+        let shared = OsStr::new(SHARED);
+        for _ in 0..2 {
+            match sys::linkat(work, shared, dir, name) {
+                Ok(()) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EMLINK)) => {
+                    let tmp = self.tmp_name();
+                    sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+                    // Replacing the full one atomically: concurrent linkers see one or the other.
+                    if let Err(e) = sys::renameat2(work, &tmp, work, shared, 0) {
+                        let _ = sys::unlinkat(work, &tmp, 0);
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
+        sys::mknodat(dir, name, libc::S_IFCHR, 0)
     }
 
     /// Replaces the upper object at `name` with a whiteout in one atomic step.
@@ -458,7 +480,7 @@ impl OverlayFs {
         }
         let work = self.work()?;
         let tmp = self.tmp_name();
-        sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+        self.link_whiteout(work, &tmp)?;
         let swapped = if dir {
             sys::renameat2(work, &tmp, pupper, name, sys::RENAME_EXCHANGE)
         } else {
