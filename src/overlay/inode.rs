@@ -63,6 +63,8 @@ pub struct NodeState {
     pub opaque: bool,
     /// The upper directory holds xattr whiteouts (`overlay.opaque=x`).
     pub xwhiteouts: bool,
+    /// The upper directory's redirect to its lower origin (`overlay.redirect`), as stored.
+    pub redirect: Option<OsString>,
     /// The name was removed while the kernel still held the inode (open files).
     pub unlinked: bool,
 }

@@ -90,6 +90,14 @@ impl MarkerStyle {
         })
     }
 
+    pub fn redirect_xattr(&self) -> &'static OsStr {
+        OsStr::new(if self.trusted_xattrs {
+            "trusted.overlay.redirect"
+        } else {
+            "user.overlay.redirect"
+        })
+    }
+
     pub fn origin_xattr(&self) -> &'static OsStr {
         OsStr::new(if self.trusted_xattrs {
             "trusted.stratafs.origin"
@@ -149,13 +157,17 @@ pub fn is_private_xattr(name: &OsStr) -> bool {
 }
 
 /// What the xattrs of a directory say about it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DirMarks {
     /// Hides every lower layer below it.
     pub opaque: bool,
     /// Contains xattr-whiteouts (`overlay.opaque=x`): empty files carrying `overlay.whiteout`.
     pub xwhiteouts: bool,
+    /// Where its lower part lives, if it was renamed (`overlay.redirect`).
+    pub redirect: Option<std::ffi::OsString>,
 }
+
+const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
 
 const OPAQUE_XATTRS: [&str; 3] = [
     "trusted.overlay.opaque",
@@ -174,6 +186,10 @@ pub fn dir_marks(dir: BorrowedFd<'_>) -> io::Result<DirMarks> {
                 Some(b"x") => marks.xwhiteouts = true,
                 _ => {}
             }
+        } else if marks.redirect.is_none() && REDIRECT_XATTRS.iter().any(|r| OsStr::new(r) == name)
+        {
+            marks.redirect =
+                sys::get_xattr(dir, &name)?.map(|v| OsStr::from_bytes(&v).to_os_string());
         }
     }
     if !marks.opaque {

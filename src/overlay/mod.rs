@@ -98,6 +98,51 @@ pub struct Found {
     lowers: Vec<(LowerObj, sys::Stat)>,
     opaque: bool,
     xwhiteouts: bool,
+    /// The upper directory's redirect xattr, as stored.
+    redirect: Option<OsString>,
+}
+
+/// Where a lookup continues in the lower layers.
+enum Target {
+    /// This name, in the parent's directory of each layer.
+    Name(OsString),
+    /// This path from each layer's root (an absolute redirect): parent components and leaf.
+    Path(Vec<OsString>, OsString),
+}
+
+impl Target {
+    /// Parses a redirect xattr: `/a/b/c` (absolute, from the layer roots) or `name` (the same
+    /// parent, another name). Empty, `.`/`..` components or a slash in a relative redirect
+    /// make it invalid, as for the kernel (EIO).
+    fn parse(r: &OsStr) -> io::Result<Target> {
+        use std::os::unix::ffi::OsStrExt;
+        let b = r.as_bytes();
+        let bad = || errno(libc::EIO);
+        if let Some(rest) = b.strip_prefix(b"/") {
+            let mut comps: Vec<OsString> = Vec::new();
+            for c in rest.split(|x| *x == b'/') {
+                if c.is_empty() || c == b"." || c == b".." || c.len() > 255 {
+                    return Err(bad());
+                }
+                comps.push(OsStr::from_bytes(c).to_os_string());
+            }
+            let leaf = comps.pop().ok_or_else(bad)?;
+            Ok(Target::Path(comps, leaf))
+        } else {
+            if b.is_empty() || b.contains(&b'/') || b == b"." || b == b".." || b.len() > 255 {
+                return Err(bad());
+            }
+            Ok(Target::Name(r.to_os_string()))
+        }
+    }
+}
+
+/// The result of walking a path in one layer.
+enum Walk {
+    Dir(OwnedFd),
+    Missing,
+    /// A whiteout or a non-directory on the way: the layers below are hidden too.
+    Stop,
 }
 
 impl Found {
@@ -196,6 +241,7 @@ impl OverlayFs {
             lowers: root_lowers,
             opaque: false,
             xwhiteouts: root_xwh,
+            redirect: None,
             unlinked: false,
         };
         Ok(OverlayFs {
@@ -325,6 +371,9 @@ impl OverlayFs {
             return Ok(None);
         }
         let mut found = Found::default();
+        // Where to look in the layers below: this name in the parent's layer dirs, until a
+        // redirect says otherwise.
+        let mut target = Target::Name(name.to_os_string());
         if let Some(up) = upper {
             match self.probe(up.as_fd(), name, upper_xwh)? {
                 Probe::Whiteout => return Ok(None),
@@ -341,12 +390,28 @@ impl OverlayFs {
                     if marks.opaque {
                         return Ok(Some(found));
                     }
+                    if let Some(r) = marks.redirect {
+                        target = Target::parse(&r)?;
+                        found.redirect = Some(r);
+                    }
                 }
             }
         }
-        let n = lowers.len();
-        for (i, lower) in lowers.iter().enumerate() {
-            match self.probe(lower.fd.as_fd(), name, lower.xwhiteouts)? {
+        let first_lower = usize::from(self.has_upper);
+        let last = self.layers.len().saturating_sub(1);
+        for li in first_lower..self.layers.len() {
+            let (dir, leaf, xwh): (Arc<OwnedFd>, OsString, bool) = match &target {
+                Target::Name(n) => match lowers.iter().find(|l| l.layer == li) {
+                    Some(l) => (l.fd.clone(), n.clone(), l.xwhiteouts),
+                    None => continue,
+                },
+                Target::Path(parents, leaf) => match self.walk_layer(li, parents)? {
+                    Walk::Dir(fd) => (Arc::new(fd), leaf.clone(), false),
+                    Walk::Missing => continue,
+                    Walk::Stop => break,
+                },
+            };
+            match self.probe(dir.as_fd(), &leaf, xwh)? {
                 Probe::Whiteout => break,
                 Probe::Missing => continue,
                 Probe::Found(fd, st) => {
@@ -355,7 +420,7 @@ impl OverlayFs {
                         if !have_dir {
                             found.lowers.push((
                                 LowerObj {
-                                    layer: lower.layer,
+                                    layer: li,
                                     fd: Arc::new(fd),
                                     xwhiteouts: false,
                                 },
@@ -364,15 +429,15 @@ impl OverlayFs {
                         }
                         break;
                     }
-                    // Opaque markers below the last lower layer hide nothing: skip the check.
-                    let marks = if i + 1 < n {
+                    // Markers in the bottom layer hide nothing: skip reading them.
+                    let marks = if li < last {
                         layer::dir_marks(fd.as_fd())?
                     } else {
                         layer::DirMarks::default()
                     };
                     found.lowers.push((
                         LowerObj {
-                            layer: lower.layer,
+                            layer: li,
                             fd: Arc::new(fd),
                             xwhiteouts: marks.xwhiteouts,
                         },
@@ -380,6 +445,10 @@ impl OverlayFs {
                     ));
                     if marks.opaque {
                         break;
+                    }
+                    if let Some(r) = marks.redirect {
+                        // Redirects work in lower layers too: they steer the layers below.
+                        target = Target::parse(&r)?;
                     }
                 }
             }
@@ -389,6 +458,26 @@ impl OverlayFs {
         } else {
             Ok(Some(found))
         }
+    }
+
+    /// Walks the directories `parents` from the root of layer `li`, one component at a time,
+    /// never following a symlink.
+    fn walk_layer(&self, li: usize, parents: &[OsString]) -> io::Result<Walk> {
+        let mut cur = sys::openat(
+            self.layers[li].root.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        for comp in parents {
+            match self.probe(cur.as_fd(), comp, false)? {
+                Probe::Missing => return Ok(Walk::Missing),
+                Probe::Whiteout => return Ok(Walk::Stop),
+                Probe::Found(fd, st) if is_dir(&st) => cur = fd,
+                Probe::Found(..) => return Ok(Walk::Stop),
+            }
+        }
+        Ok(Walk::Dir(cur))
     }
 
     /// Turns a lookup result into a node (existing or new) and counts one kernel lookup.
@@ -401,6 +490,7 @@ impl OverlayFs {
             lowers,
             opaque,
             xwhiteouts,
+            redirect,
         } = found;
         let upper_fd = upper.map(|(fd, _)| fd);
         let lower_objs: Vec<LowerObj> = lowers.into_iter().map(|(l, _)| l).collect();
@@ -411,6 +501,7 @@ impl OverlayFs {
             lowers: lower_objs.clone(),
             opaque,
             xwhiteouts,
+            redirect: redirect.clone(),
             unlinked: false,
         };
         let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);

@@ -8,7 +8,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -394,8 +394,12 @@ impl OverlayFs {
         if found_dir && !self.merged_empty(&found)? {
             return Err(errno(libc::ENOTEMPTY));
         }
-        let needs_whiteout = !found.lowers.is_empty()
-            || (found.upper.is_some() && self.lower_has(&parent.state.read(), name)?);
+        // Name-based, as the kernel decides. Found by this name in a lower layer is proof
+        // enough; an upper object, or one reached through a redirect, needs a look below.
+        let needs_whiteout = match (&found.upper, found.lowers.is_empty(), &found.redirect) {
+            (None, _, _) | (Some(_), false, None) => true,
+            _ => self.lower_has(&parent.state.read(), name)?,
+        };
         let pupper = self.copy_up(&parent, true)?;
         match (&found.upper, needs_whiteout) {
             (Some((fd, _)), false) => {
@@ -563,17 +567,9 @@ impl OverlayFs {
             return Err(errno(libc::EEXIST));
         }
         let src_dir = is_dir(src.top_stat());
-        if src_dir && !src.lowers.is_empty() {
-            // A directory with lower content would need a redirect (kernel: redirect_dir).
-            return Err(errno(libc::EXDEV));
-        }
         if let Some(d) = &dst {
             let d_dir = is_dir(d.top_stat());
-            if exchange {
-                if d_dir && !d.lowers.is_empty() {
-                    return Err(errno(libc::EXDEV));
-                }
-            } else {
+            if !exchange {
                 if src_dir && !d_dir {
                     return Err(errno(libc::ENOTDIR));
                 }
@@ -587,17 +583,33 @@ impl OverlayFs {
         }
         let pu = self.copy_up(&p, true)?;
         let npu = self.copy_up(&np, true)?;
+        let samedir = p.st_ino == np.st_ino;
         let src_up = self.copy_up_found(&pu, name, &src)?;
-        let src_needs_wh = !src.lowers.is_empty() || self.lower_has(&p.state.read(), name)?;
+        // Name-based, as the kernel decides: does a lower layer show this name?
+        let src_needs_wh = self.lower_has(&p.state.read(), name)?;
         let dst_lower = self.lower_has(&np.state.read(), newname)?;
+        // A moved directory keeps its lower part through a redirect (O(1), the kernel's
+        // redirect_dir format); one without lower part must instead hide what the lower
+        // layers show at its new name.
+        // Like the kernel, a directory without lower part that moves into a merged directory
+        // becomes opaque even when nothing below shows its new name yet.
+        let np_merged = !np.state.read().lowers.is_empty();
+        let p_merged = !p.state.read().lowers.is_empty();
+        if src_dir && !src.lowers.is_empty() {
+            self.set_redirect(src_ino, &src, src_up.as_fd(), name, samedir)?;
+        } else if src_dir && !src.opaque && (dst_lower || np_merged) {
+            self.set_opaque(src_up.as_fd())?;
+        }
         if exchange {
             let d = dst.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
             let dst_up = self.copy_up_found(&npu, newname, d)?;
-            if src_dir && dst_lower {
-                self.set_opaque(src_up.as_fd())?;
-            }
-            if is_dir(d.top_stat()) && src_needs_wh {
-                self.set_opaque(dst_up.as_fd())?;
+            if is_dir(d.top_stat()) {
+                if !d.lowers.is_empty() {
+                    let dino = dst_ino.unwrap_or_default();
+                    self.set_redirect(dino, d, dst_up.as_fd(), newname, samedir)?;
+                } else if !d.opaque && (src_needs_wh || p_merged) {
+                    self.set_opaque(dst_up.as_fd())?;
+                }
             }
             sys::renameat2(pu.as_fd(), name, npu.as_fd(), newname, sys::RENAME_EXCHANGE)?;
         } else {
@@ -617,9 +629,6 @@ impl OverlayFs {
                     remove_contents(dfd.as_fd())?;
                 }
                 _ => {}
-            }
-            if src_dir && dst_lower {
-                self.set_opaque(src_up.as_fd())?;
             }
             let mut rflags = flags & sys::RENAME_NOREPLACE;
             if src_needs_wh && self.style.char_whiteout {
@@ -648,6 +657,71 @@ impl OverlayFs {
         Ok(())
     }
 
+    /// Gives a directory that is about to move a redirect to its lower part, as the kernel
+    /// does: an existing absolute redirect, or a relative one within the same parent, stays;
+    /// otherwise a rename within the parent records the old name, a move elsewhere the
+    /// absolute path of the lower part.
+    fn set_redirect(
+        &self,
+        st_ino: u64,
+        found: &Found,
+        upper: BorrowedFd<'_>,
+        name: &OsStr,
+        samedir: bool,
+    ) -> io::Result<()> {
+        let node = self.table.get(st_ino);
+        let existing = match &node {
+            Some(n) => n.state.read().redirect.clone(),
+            None => found.redirect.clone(),
+        };
+        if let Some(r) = &existing
+            && (samedir || r.as_bytes().starts_with(b"/"))
+        {
+            return Ok(());
+        }
+        let value = if samedir {
+            existing.unwrap_or_else(|| name.to_os_string())
+        } else {
+            match &node {
+                Some(n) => self.lower_path(n),
+                None => return Err(errno(libc::EXDEV)),
+            }
+        };
+        sys::set_xattr(upper, self.style.redirect_xattr(), value.as_bytes(), 0)?;
+        if let Some(n) = node {
+            n.state.write().redirect = Some(value);
+        }
+        Ok(())
+    }
+
+    /// The path of a directory's lower part from the layer roots: its ancestors' names (or
+    /// redirects) up to the root or to an absolute redirect.
+    fn lower_path(&self, node: &Arc<Node>) -> OsString {
+        let mut parts: Vec<OsString> = Vec::new();
+        let mut cur = Some(node.clone());
+        while let Some(n) = cur {
+            let s = n.state.read();
+            if s.parent.is_none() {
+                break;
+            }
+            match &s.redirect {
+                Some(r) if r.as_bytes().starts_with(b"/") => {
+                    parts.push(OsStr::from_bytes(&r.as_bytes()[1..]).to_os_string());
+                    break;
+                }
+                Some(r) => parts.push(r.clone()),
+                None => parts.push(s.name.clone()),
+            }
+            cur = s.parent.clone();
+        }
+        let mut out = Vec::new();
+        for p in parts.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(p.as_bytes());
+        }
+        OsString::from_vec(out)
+    }
+
     /// Copies up an object found by lookup, through its live node when there is one.
     fn copy_up_found(
         &self,
@@ -659,9 +733,7 @@ impl OverlayFs {
             return Ok(fd.clone());
         }
         let st_ino = self.stino_of(found);
-        if let Some(node) = self.table.get(st_ino)
-            && !node.is_dir
-        {
+        if let Some(node) = self.table.get(st_ino) {
             return self.copy_up(&node, true);
         }
         let (lower, _) = &found.lowers[0];
