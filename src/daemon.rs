@@ -120,8 +120,11 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         ttl: Duration::from_secs(3600),
         threads,
         passthrough: root && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
+        metacopy: o.metacopy.unwrap_or(true),
+        redirect_dir: o.redirect_dir.unwrap_or(true),
     };
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
+    let dev_cell = fs.mount_dev_cell();
     let mut mount_options = vec![
         MountOption::FSName(o.fsname.clone().unwrap_or_else(|| "stratafs".to_string())),
         MountOption::Subtype(o.subtype.clone().unwrap_or_else(|| "stratafs".to_string())),
@@ -217,6 +220,10 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             }),
         )
     };
+    // The mount's st_dev, from mountinfo: a stat of the mountpoint would wait on ourselves.
+    if let Some(dev) = mount_dev(&mnt) {
+        let _ = dev_cell.set(dev);
+    }
     if notify {
         println!("ready");
         let _ = io::stdout().flush();
@@ -231,4 +238,17 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         })?;
     session.run().context("FUSE session failed")?;
     Ok(())
+}
+
+/// The st_dev of the mount at `mnt`, read from /proc/self/mountinfo (`major:minor`).
+fn mount_dev(mnt: &std::path::Path) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_string_lossy();
+    let line = info.lines().rev().find(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| crate::options::unescape_mountinfo(m) == want)
+    })?;
+    let (maj, min) = line.split(' ').nth(2)?.split_once(':')?;
+    Some(sys::makedev(maj.parse().ok()?, min.parse().ok()?))
 }

@@ -17,6 +17,8 @@ pub enum OptionError {
     Unknown(String),
     #[error("bad lowerdir '{0}': {1}")]
     BadLowerdir(String, &'static str),
+    #[error("bad value in mount option '{0}'")]
+    BadValue(String),
     #[error("option '{0}' needs a value")]
     MissingValue(String),
     #[error("no lowerdir given")]
@@ -49,6 +51,10 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     pub subtype: Option<String>,
     pub volatile: bool,
+    /// `metacopy=on|off` (default on).
+    pub metacopy: Option<bool>,
+    /// `redirect_dir=on|off|follow|nofollow` (default on; follow/nofollow write none).
+    pub redirect_dir: Option<bool>,
     /// Options accepted for compatibility that change nothing yet; one warning line each.
     pub ignored: Vec<String>,
 }
@@ -70,8 +76,6 @@ const ACCEPTED_NOT_APPLIED: &[&str] = &[
     "noxattrs",
     "plugins",
     "xattr_permissions",
-    "redirect_dir",
-    "metacopy",
     "index",
     "xino",
     "userxattr",
@@ -194,6 +198,20 @@ impl MountOptions {
                 "dirsync" => self.dirsync = true,
                 "volatile" => self.volatile = true,
                 "fsname" => self.fsname = Some(need(value)?),
+                "metacopy" => {
+                    self.metacopy = Some(match need(value)?.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(OptionError::BadValue(item.clone())),
+                    })
+                }
+                "redirect_dir" => {
+                    self.redirect_dir = Some(match need(value)?.as_str() {
+                        "on" => true,
+                        "off" | "follow" | "nofollow" => false,
+                        _ => return Err(OptionError::BadValue(item.clone())),
+                    })
+                }
                 "subtype" => self.subtype = Some(need(value)?),
                 k if MOUNT_HELPER_ONLY.contains(&k) => {}
                 k if k.starts_with("x-") => {}
@@ -409,6 +427,13 @@ mod tests {
         let o = MountOptions::parse("dev,suid,rw,nodev,allow_other,fsname=x,subtype=y").unwrap();
         assert!(o.nodev && o.allow_other);
         assert_eq!(o.fsname.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn kernel_feature_options() {
+        let o = MountOptions::parse("metacopy=off,redirect_dir=on").unwrap();
+        assert_eq!((o.metacopy, o.redirect_dir), (Some(false), Some(true)));
+        assert!(MountOptions::parse("metacopy=maybe").is_err());
     }
 
     #[test]

@@ -604,3 +604,39 @@ pub fn linkat(
     })
     .map(drop)
 }
+
+/// Reads the xattr `attr` of `dir/name` (not following a final symlink); `None` if absent.
+pub fn get_xattr_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    attr: &OsStr,
+) -> io::Result<Option<Vec<u8>>> {
+    let mut path = proc_fd_path(dir).into_bytes();
+    path.push(b'/');
+    path.extend_from_slice(name.as_bytes());
+    let path = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let attr = cstr(attr)?;
+    let mut buf = vec![0u8; 64];
+    loop {
+        // SAFETY: `buf` is writable for its length; strings are NUL-terminated.
+        let ret = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                attr.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        match cvt_size(ret) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => buf.resize(buf.len() * 4, 0),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -14,18 +14,41 @@ use super::inode::Node;
 use super::{OverlayFs, errno, is_dir, layer};
 use crate::sys::{self, SetTime};
 
+/// How much of an object a change needs in the upper layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyUp {
+    /// Everything, data included (a write).
+    Data,
+    /// Metadata only (chmod, chown, utimens, xattrs): a regular file becomes a metacopy file,
+    /// its data staying below until the first write.
+    Meta,
+    /// Metadata, and the data is about to be truncated away (`O_TRUNC`, truncate to 0).
+    Truncate,
+}
+
 impl OverlayFs {
-    /// Makes sure `node` exists in the upper layer and returns its upper fd. `with_data` false
-    /// copies metadata only (an `O_TRUNC` open or a truncate to 0 needs no data).
-    pub(super) fn copy_up(&self, node: &Arc<Node>, with_data: bool) -> io::Result<Arc<OwnedFd>> {
-        if let Some(fd) = node.state.read().upper.clone() {
-            return Ok(fd);
+    /// Makes sure `node` exists in the upper layer with what `how` needs, and returns its
+    /// upper fd.
+    pub(super) fn copy_up(&self, node: &Arc<Node>, how: CopyUp) -> io::Result<Arc<OwnedFd>> {
+        {
+            let s = node.state.read();
+            if let Some(fd) = &s.upper
+                && (!s.metacopy || how == CopyUp::Meta)
+            {
+                return Ok(fd.clone());
+            }
         }
         self.work()?;
         let _guard = node.copy_lock.lock();
         let (parent, name, src) = {
             let s = node.state.read();
             if let Some(fd) = s.upper.clone() {
+                if !s.metacopy || how == CopyUp::Meta {
+                    return Ok(fd);
+                }
+                let src = s.lowers.first().map(|l| l.fd.clone());
+                drop(s);
+                self.fill_metacopy(node, &fd, src, how)?;
                 return Ok(fd);
             }
             if s.unlinked {
@@ -40,50 +63,117 @@ impl OverlayFs {
                 src.ok_or_else(|| errno(libc::ESTALE))?,
             )
         };
-        let pupper = self.copy_up(&parent, true)?;
-        let fd = self.copy_up_obj(pupper.as_fd(), &name, src.as_fd(), with_data, node.st_ino)?;
-        node.state.write().upper = Some(fd.clone());
+        self.copy_up(&parent, CopyUp::Meta)?;
+        let how = if self.metacopy {
+            how
+        } else if how == CopyUp::Meta {
+            CopyUp::Data
+        } else {
+            how
+        };
+        let (fd, meta) = self.copy_up_obj(&parent, &name, src.as_fd(), how, node.st_ino)?;
+        let mut s = node.state.write();
+        s.upper = Some(fd.clone());
+        s.metacopy = meta;
         Ok(fd)
     }
 
-    /// Copies the lower object `src` to `pupper/name` and returns an fd of the copy. The caller
-    /// guarantees the name is free in the upper directory.
+    /// Completes a metacopy file: copies the data into the upper file itself, then drops the
+    /// metacopy mark. Until the mark is gone the data is read from below, so a crash in between
+    /// leaves the old state.
+    fn fill_metacopy(
+        &self,
+        node: &Node,
+        upper: &OwnedFd,
+        src: Option<Arc<OwnedFd>>,
+        how: CopyUp,
+    ) -> io::Result<()> {
+        let out = sys::reopen(upper.as_fd(), libc::O_WRONLY)?;
+        if how == CopyUp::Truncate {
+            sys::ftruncate(out.as_fd(), 0)?;
+        } else {
+            let src = src.ok_or_else(|| errno(libc::EIO))?;
+            let input = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
+            let size = sys::fstat(input.as_fd())?.st_size;
+            copy_data(input.as_fd(), out.as_fd(), size)?;
+            sys::fsync(out.as_fd(), true)?;
+        }
+        match sys::remove_xattr(upper.as_fd(), self.style.metacopy_xattr()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(e),
+        }
+        node.state.write().metacopy = false;
+        Ok(())
+    }
+
+    /// Copies the lower object `src` to `name` in `parent`'s upper directory and returns an fd
+    /// of the copy, and whether it is a metacopy file. The caller guarantees the name is free
+    /// there.
     pub(super) fn copy_up_obj(
         &self,
-        pupper: BorrowedFd<'_>,
+        parent: &Arc<Node>,
         name: &OsStr,
         src: BorrowedFd<'_>,
-        with_data: bool,
+        how: CopyUp,
         st_ino: u64,
-    ) -> io::Result<Arc<OwnedFd>> {
+    ) -> io::Result<(Arc<OwnedFd>, bool)> {
+        let pupper = parent
+            .state
+            .read()
+            .upper
+            .clone()
+            .ok_or_else(|| errno(libc::ESTALE))?;
         let work = self.work()?;
         let st = sys::fstat(src)?;
+        let meta = how == CopyUp::Meta
+            && self.metacopy
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_size > 0;
         let tmp = self.tmp_name();
         let built = self
-            .build_copy(work, &tmp, src, &st, with_data)
-            .and_then(|()| sys::renameat2(work, &tmp, pupper, name, sys::RENAME_NOREPLACE));
+            .build_copy(work, &tmp, src, &st, how, meta, st_ino)
+            .and_then(|()| sys::renameat2(work, &tmp, pupper.as_fd(), name, sys::RENAME_NOREPLACE));
         if let Err(e) = built {
             let _ = super::dir::remove_entry(work, &tmp);
             return Err(e);
         }
+        self.mark_impure(parent)?;
         let flags = if is_dir(&st) {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
         } else {
             libc::O_PATH | libc::O_NOFOLLOW
         };
-        let fd = sys::openat(pupper, name, flags, 0)?;
+        let fd = sys::openat(pupper.as_fd(), name, flags, 0)?;
         let ust = sys::fstat(fd.as_fd())?;
         self.copied.insert(ust.st_ino, st_ino);
-        Ok(Arc::new(fd))
+        Ok((Arc::new(fd), meta))
     }
 
+    /// Marks an upper directory as holding entries whose st_ino comes from an origin, so
+    /// readdir reads their origins (the kernel's `overlay.impure`).
+    pub(super) fn mark_impure(&self, dir: &Arc<Node>) -> io::Result<()> {
+        if dir.state.read().impure {
+            return Ok(());
+        }
+        let Some(up) = dir.state.read().upper.clone() else {
+            return Ok(());
+        };
+        sys::set_xattr(up.as_fd(), self.style.impure_xattr(), b"y", 0)?;
+        dir.state.write().impure = true;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn build_copy(
         &self,
         work: BorrowedFd<'_>,
         tmp: &OsStr,
         src: BorrowedFd<'_>,
         st: &sys::Stat,
-        with_data: bool,
+        how: CopyUp,
+        meta: bool,
+        st_ino: u64,
     ) -> io::Result<()> {
         let fmt = st.st_mode & libc::S_IFMT;
         let dst = match fmt {
@@ -103,7 +193,11 @@ impl OverlayFs {
                     libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
                     0o600,
                 )?;
-                if with_data && st.st_size > 0 {
+                if meta {
+                    // The size, no data: reads go below until the first write.
+                    sys::ftruncate(dst.as_fd(), st.st_size as u64)?;
+                    sys::set_xattr(dst.as_fd(), self.style.metacopy_xattr(), b"", 0)?;
+                } else if how != CopyUp::Truncate && st.st_size > 0 {
                     let input = sys::reopen(src, libc::O_RDONLY)?;
                     copy_data(input.as_fd(), dst.as_fd(), st.st_size)?;
                 }
@@ -124,7 +218,20 @@ impl OverlayFs {
                 fd
             }
         };
-        copy_meta(src, dst.as_fd(), st)
+        copy_meta(src, dst.as_fd(), st)?;
+        // st_ino stays what it was below, across this copy-up and later mounts.
+        match sys::set_xattr(
+            dst.as_fd(),
+            self.style.origin_xattr(),
+            &st_ino.to_le_bytes(),
+            0,
+        ) {
+            Ok(()) => Ok(()),
+            // user.* xattrs exist only on files and directories; the in-memory map still
+            // keeps st_ino stable for this mount.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 

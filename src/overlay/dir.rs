@@ -28,22 +28,31 @@ pub(super) struct DirLayer {
     pub layer: usize,
     pub fd: Arc<OwnedFd>,
     pub xwhiteouts: bool,
+    /// Upper directory whose entries may carry an origin st_ino.
+    pub impure: bool,
 }
 
 impl DirLayer {
-    pub fn of(upper: Option<&Arc<OwnedFd>>, upper_xwh: bool, lowers: &[LowerObj]) -> Vec<Self> {
+    pub fn of(
+        upper: Option<&Arc<OwnedFd>>,
+        upper_xwh: bool,
+        impure: bool,
+        lowers: &[LowerObj],
+    ) -> Vec<Self> {
         let mut v = Vec::with_capacity(lowers.len() + 1);
         if let Some(fd) = upper {
             v.push(DirLayer {
                 layer: 0,
                 fd: fd.clone(),
                 xwhiteouts: upper_xwh,
+                impure,
             });
         }
         v.extend(lowers.iter().map(|l| DirLayer {
             layer: l.layer,
             fd: l.fd.clone(),
             xwhiteouts: l.xwhiteouts,
+            impure: false,
         }));
         v
     }
@@ -116,7 +125,12 @@ impl OverlayFs {
                     }
                 }
                 let ino = if dl.layer == 0 && self.has_upper {
-                    self.upper_stino(ent.ino())
+                    let origin = if dl.impure {
+                        layer::origin_at(dl.fd.as_fd(), &name)?
+                    } else {
+                        None
+                    };
+                    origin.unwrap_or_else(|| self.upper_stino(ent.ino()))
                 } else {
                     self.encode(dl.layer, ent.ino())
                 };

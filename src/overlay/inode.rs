@@ -65,6 +65,10 @@ pub struct NodeState {
     pub xwhiteouts: bool,
     /// The upper directory's redirect to its lower origin (`overlay.redirect`), as stored.
     pub redirect: Option<OsString>,
+    /// The upper directory holds entries whose st_ino comes from an origin xattr.
+    pub impure: bool,
+    /// The upper file holds metadata only (`overlay.metacopy`); the data is `lowers[0]`.
+    pub metacopy: bool,
     /// The name was removed while the kernel still held the inode (open files).
     pub unlinked: bool,
 }
@@ -75,6 +79,15 @@ impl NodeState {
         self.upper
             .as_ref()
             .or_else(|| self.lowers.first().map(|l| &l.fd))
+    }
+
+    /// Where the data of a file is: below for a metacopy file, else the topmost object.
+    pub fn data(&self) -> Option<&Arc<OwnedFd>> {
+        if self.metacopy {
+            self.lowers.first().map(|l| &l.fd)
+        } else {
+            self.top()
+        }
     }
 
     /// Does a lower layer hold this object (so removing it needs a whiteout)?

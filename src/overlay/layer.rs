@@ -98,6 +98,22 @@ impl MarkerStyle {
         })
     }
 
+    pub fn impure_xattr(&self) -> &'static OsStr {
+        OsStr::new(if self.trusted_xattrs {
+            "trusted.overlay.impure"
+        } else {
+            "user.overlay.impure"
+        })
+    }
+
+    pub fn metacopy_xattr(&self) -> &'static OsStr {
+        OsStr::new(if self.trusted_xattrs {
+            "trusted.overlay.metacopy"
+        } else {
+            "user.overlay.metacopy"
+        })
+    }
+
     pub fn origin_xattr(&self) -> &'static OsStr {
         OsStr::new(if self.trusted_xattrs {
             "trusted.stratafs.origin"
@@ -156,18 +172,28 @@ pub fn is_private_xattr(name: &OsStr) -> bool {
         || b.starts_with(b"user.fuseoverlayfs.")
 }
 
-/// What the xattrs of a directory say about it.
+/// What the overlay xattrs of an object say about it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DirMarks {
-    /// Hides every lower layer below it.
+pub struct Marks {
+    /// A directory that hides every lower layer below it.
     pub opaque: bool,
-    /// Contains xattr-whiteouts (`overlay.opaque=x`): empty files carrying `overlay.whiteout`.
+    /// A directory holding xattr-whiteouts (`overlay.opaque=x`).
     pub xwhiteouts: bool,
     /// Where its lower part lives, if it was renamed (`overlay.redirect`).
     pub redirect: Option<std::ffi::OsString>,
+    /// A directory holding copied-up entries whose st_ino comes from an origin
+    /// (`overlay.impure`): readdir must read their origins.
+    pub impure: bool,
+    /// A regular file whose data still lives in a lower layer (`overlay.metacopy`).
+    pub metacopy: bool,
+    /// The st_ino the object had before it was copied up (`stratafs.origin`).
+    pub origin: Option<u64>,
 }
 
 const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+const IMPURE_XATTRS: [&str; 2] = ["trusted.overlay.impure", "user.overlay.impure"];
+const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
+pub const ORIGIN_XATTRS: [&str; 2] = ["trusted.stratafs.origin", "user.stratafs.origin"];
 
 const OPAQUE_XATTRS: [&str; 3] = [
     "trusted.overlay.opaque",
@@ -175,27 +201,51 @@ const OPAQUE_XATTRS: [&str; 3] = [
     "user.fuseoverlayfs.opaque",
 ];
 
-/// Reads the opaque markers of a directory: one listxattr, a getxattr only when a marker name is
-/// present, and one fstatat for `.wh..wh..opq`.
-pub fn dir_marks(dir: BorrowedFd<'_>) -> io::Result<DirMarks> {
-    let mut marks = DirMarks::default();
-    for name in sys::list_xattr(dir)? {
-        if OPAQUE_XATTRS.iter().any(|o| OsStr::new(o) == name) {
-            match sys::get_xattr(dir, &name)?.as_deref() {
+fn one_of(list: &[&str], name: &OsStr) -> bool {
+    list.iter().any(|x| OsStr::new(x) == name)
+}
+
+/// Decodes an origin xattr value: the st_ino, 8 bytes little-endian.
+pub fn decode_origin(v: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(v.try_into().ok()?))
+}
+
+/// Reads the overlay markers of an object: one listxattr, a getxattr only for a marker that is
+/// present, and for directories one fstatat for `.wh..wh..opq`.
+pub fn marks(fd: BorrowedFd<'_>, dir: bool) -> io::Result<Marks> {
+    let mut marks = Marks::default();
+    for name in sys::list_xattr(fd)? {
+        if dir && one_of(&OPAQUE_XATTRS, &name) {
+            match sys::get_xattr(fd, &name)?.as_deref() {
                 Some(b"y") => marks.opaque = true,
                 Some(b"x") => marks.xwhiteouts = true,
                 _ => {}
             }
-        } else if marks.redirect.is_none() && REDIRECT_XATTRS.iter().any(|r| OsStr::new(r) == name)
-        {
+        } else if marks.redirect.is_none() && one_of(&REDIRECT_XATTRS, &name) {
             marks.redirect =
-                sys::get_xattr(dir, &name)?.map(|v| OsStr::from_bytes(&v).to_os_string());
+                sys::get_xattr(fd, &name)?.map(|v| OsStr::from_bytes(&v).to_os_string());
+        } else if dir && one_of(&IMPURE_XATTRS, &name) {
+            marks.impure = true;
+        } else if !dir && one_of(&METACOPY_XATTRS, &name) {
+            marks.metacopy = true;
+        } else if marks.origin.is_none() && one_of(&ORIGIN_XATTRS, &name) {
+            marks.origin = sys::get_xattr(fd, &name)?.and_then(|v| decode_origin(&v));
         }
     }
-    if !marks.opaque {
-        marks.opaque = exists(dir, OsStr::new(OPAQUE_WHITEOUT))?;
+    if dir && !marks.opaque {
+        marks.opaque = exists(fd, OsStr::new(OPAQUE_WHITEOUT))?;
     }
     Ok(marks)
+}
+
+/// The origin of `dir/name` (an entry of an upper directory), if it has one.
+pub fn origin_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<u64>> {
+    for attr in ORIGIN_XATTRS {
+        if let Some(v) = sys::get_xattr_at(dir, name, OsStr::new(attr))? {
+            return Ok(decode_origin(&v));
+        }
+    }
+    Ok(None)
 }
 
 /// Does `name` exist (as anything) in `dir`?

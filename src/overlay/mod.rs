@@ -18,6 +18,7 @@ mod ops;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +46,10 @@ pub struct FsConfig {
     pub threads: usize,
     /// Use kernel passthrough for file I/O when the kernel offers it (needs CAP_SYS_ADMIN).
     pub passthrough: bool,
+    /// Metadata changes to a lower file copy metadata only (the kernel's `metacopy=on`).
+    pub metacopy: bool,
+    /// Merged directories move with a redirect (the kernel's `redirect_dir=on`); off: EXDEV.
+    pub redirect_dir: bool,
 }
 
 /// A lower object found by lookup.
@@ -82,6 +87,10 @@ pub struct OverlayFs {
     writeback: AtomicBool,
     /// Ask for passthrough at init.
     want_passthrough: bool,
+    metacopy: bool,
+    redirect_dir: bool,
+    /// The mount's st_dev, once mounted (see `executing`).
+    mount_dev: Arc<std::sync::OnceLock<u64>>,
 }
 
 /// How a name looks in one layer directory.
@@ -100,6 +109,12 @@ pub struct Found {
     xwhiteouts: bool,
     /// The upper directory's redirect xattr, as stored.
     redirect: Option<OsString>,
+    /// The upper object's st_ino from before its copy-up.
+    origin: Option<u64>,
+    /// The upper directory holds entries with an origin.
+    impure: bool,
+    /// The upper file holds metadata only; its data is `lowers[0]`.
+    metacopy: bool,
 }
 
 /// Where a lookup continues in the lower layers.
@@ -208,7 +223,7 @@ impl OverlayFs {
                     libc::O_RDONLY | libc::O_DIRECTORY,
                     0,
                 )?;
-                let xwhiteouts = layer::dir_marks(fd.as_fd())?.xwhiteouts;
+                let xwhiteouts = layer::marks(fd.as_fd(), true)?.xwhiteouts;
                 Ok(LowerObj {
                     layer: i,
                     fd: Arc::new(fd),
@@ -226,9 +241,9 @@ impl OverlayFs {
         } else {
             None
         };
-        let root_xwh = match &root_upper {
-            Some(fd) => layer::dir_marks(fd.as_fd())?.xwhiteouts,
-            None => false,
+        let root_marks = match &root_upper {
+            Some(fd) => layer::marks(fd.as_fd(), true)?,
+            None => layer::Marks::default(),
         };
         if root_upper.is_none() && root_lowers.is_empty() {
             return Err(errno(libc::EINVAL));
@@ -240,8 +255,10 @@ impl OverlayFs {
             upper: root_upper,
             lowers: root_lowers,
             opaque: false,
-            xwhiteouts: root_xwh,
+            xwhiteouts: root_marks.xwhiteouts,
             redirect: None,
+            impure: root_marks.impure,
+            metacopy: false,
             unlinked: false,
         };
         Ok(OverlayFs {
@@ -259,6 +276,32 @@ impl OverlayFs {
             passthrough: AtomicBool::new(false),
             writeback: AtomicBool::new(false),
             want_passthrough: cfg.passthrough,
+            metacopy: cfg.metacopy,
+            redirect_dir: cfg.redirect_dir,
+            mount_dev: Arc::new(std::sync::OnceLock::new()),
+        })
+    }
+
+    /// Where the daemon records the mount's st_dev once the mount exists.
+    pub fn mount_dev_cell(&self) -> Arc<std::sync::OnceLock<u64>> {
+        self.mount_dev.clone()
+    }
+
+    /// Is some process executing the file with this st_ino from this mount? Asked only for the
+    /// rare `O_RDONLY|O_TRUNC` open: the kernel sends its truncation to us before it checks for
+    /// a running executable, so without this check the binary would be cut to zero.
+    fn executing(&self, st_ino: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(dev) = self.mount_dev.get().copied() else {
+            return false;
+        };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        procs.flatten().any(|p| {
+            p.file_name().as_bytes().iter().all(u8::is_ascii_digit)
+                && std::fs::metadata(p.path().join("exe"))
+                    .is_ok_and(|m| m.dev() == dev && m.ino() == st_ino)
         })
     }
 
@@ -302,6 +345,7 @@ impl OverlayFs {
 
     fn stino_of(&self, found: &Found) -> u64 {
         match &found.upper {
+            Some(_) if found.origin.is_some() => found.origin.unwrap_or_default(),
             Some((_, st)) => self.upper_stino(st.st_ino),
             None => self.encode(found.lowers[0].0.layer, found.lowers[0].1.st_ino),
         }
@@ -379,16 +423,23 @@ impl OverlayFs {
                 Probe::Whiteout => return Ok(None),
                 Probe::Missing => {}
                 Probe::Found(fd, st) => {
-                    if !is_dir(&st) {
-                        found.upper = Some((Arc::new(fd), st));
-                        return Ok(Some(found));
-                    }
-                    let marks = layer::dir_marks(fd.as_fd())?;
+                    let dir = is_dir(&st);
+                    let marks = layer::marks(fd.as_fd(), dir)?;
+                    found.origin = marks.origin;
                     found.upper = Some((Arc::new(fd), st));
-                    found.opaque = marks.opaque;
-                    found.xwhiteouts = marks.xwhiteouts;
-                    if marks.opaque {
-                        return Ok(Some(found));
+                    if !dir {
+                        if !(marks.metacopy && st.st_mode & libc::S_IFMT == libc::S_IFREG) {
+                            return Ok(Some(found));
+                        }
+                        // Metadata only: the data is the same name (or the redirect) below.
+                        found.metacopy = true;
+                    } else {
+                        found.opaque = marks.opaque;
+                        found.xwhiteouts = marks.xwhiteouts;
+                        found.impure = marks.impure;
+                        if marks.opaque {
+                            return Ok(Some(found));
+                        }
                     }
                     if let Some(r) = marks.redirect {
                         target = Target::parse(&r)?;
@@ -415,7 +466,11 @@ impl OverlayFs {
                 Probe::Whiteout => break,
                 Probe::Missing => continue,
                 Probe::Found(fd, st) => {
-                    let have_dir = found.upper.is_some() || !found.lowers.is_empty();
+                    let have_dir =
+                        (found.upper.is_some() && !found.metacopy) || !found.lowers.is_empty();
+                    if found.metacopy && is_dir(&st) {
+                        break; // no data below a metacopy file: reads fail with EIO
+                    }
                     if !is_dir(&st) {
                         if !have_dir {
                             found.lowers.push((
@@ -431,9 +486,9 @@ impl OverlayFs {
                     }
                     // Markers in the bottom layer hide nothing: skip reading them.
                     let marks = if li < last {
-                        layer::dir_marks(fd.as_fd())?
+                        layer::marks(fd.as_fd(), true)?
                     } else {
-                        layer::DirMarks::default()
+                        layer::Marks::default()
                     };
                     found.lowers.push((
                         LowerObj {
@@ -491,6 +546,9 @@ impl OverlayFs {
             opaque,
             xwhiteouts,
             redirect,
+            impure,
+            metacopy,
+            ..
         } = found;
         let upper_fd = upper.map(|(fd, _)| fd);
         let lower_objs: Vec<LowerObj> = lowers.into_iter().map(|(l, _)| l).collect();
@@ -502,6 +560,8 @@ impl OverlayFs {
             opaque,
             xwhiteouts,
             redirect: redirect.clone(),
+            impure,
+            metacopy,
             unlinked: false,
         };
         let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);

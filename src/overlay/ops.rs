@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use fuser::{FileAttr, INodeNo};
 use parking_lot::Mutex;
 
+use super::copy_up::CopyUp;
 use super::dir::{DirEntry, DirLayer, remove_contents, remove_entry};
 use super::inode::Node;
 use super::{Found, OverlayFs, errno, is_dir, is_enoent, layer};
@@ -132,7 +133,7 @@ impl OverlayFs {
     fn prepare_slot(&self, parent: &Arc<Node>, name: &OsStr) -> io::Result<(Arc<OwnedFd>, Slot)> {
         check_name(name)?;
         self.require_upper()?;
-        let pupper = self.copy_up(parent, true)?;
+        let pupper = self.copy_up(parent, CopyUp::Meta)?;
         let slot = match sys::fstatat(pupper.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(st) if layer::is_char_whiteout(pupper.as_fd(), name, &st)? => Slot::CharWhiteout,
             Ok(_) => return Err(errno(libc::EEXIST)),
@@ -338,7 +339,8 @@ impl OverlayFs {
         }
         let parent = self.dir_node(newparent)?;
         self.require_upper()?;
-        let src = self.copy_up(&node, true)?;
+        // A metacopy file gets its data first: the new name could not find it below.
+        let src = self.copy_up(&node, CopyUp::Data)?;
         let caller = Caller { uid: 0, gid: 0 };
         let (attr, id, _) = self.create_obj(&parent, newname, Make::Link { src }, caller)?;
         Ok((attr, id))
@@ -400,7 +402,7 @@ impl OverlayFs {
             (None, _, _) | (Some(_), false, None) => true,
             _ => self.lower_has(&parent.state.read(), name)?,
         };
-        let pupper = self.copy_up(&parent, true)?;
+        let pupper = self.copy_up(&parent, CopyUp::Meta)?;
         match (&found.upper, needs_whiteout) {
             (Some((fd, _)), false) => {
                 if found_dir {
@@ -432,7 +434,7 @@ impl OverlayFs {
     fn merged_empty(&self, found: &Found) -> io::Result<bool> {
         let upper = found.upper.as_ref().map(|(fd, _)| fd);
         let lowers: Vec<_> = found.lowers.iter().map(|(l, _)| l.clone()).collect();
-        let layers = DirLayer::of(upper, found.xwhiteouts, &lowers);
+        let layers = DirLayer::of(upper, found.xwhiteouts, found.impure, &lowers);
         Ok(self.read_merged(&layers, true)?.is_empty())
     }
 
@@ -581,10 +583,10 @@ impl OverlayFs {
                 }
             }
         }
-        let pu = self.copy_up(&p, true)?;
-        let npu = self.copy_up(&np, true)?;
+        let pu = self.copy_up(&p, CopyUp::Meta)?;
+        let npu = self.copy_up(&np, CopyUp::Meta)?;
         let samedir = p.st_ino == np.st_ino;
-        let src_up = self.copy_up_found(&pu, name, &src)?;
+        let src_up = self.copy_up_found(&p, name, &src)?;
         // Name-based, as the kernel decides: does a lower layer show this name?
         let src_needs_wh = self.lower_has(&p.state.read(), name)?;
         let dst_lower = self.lower_has(&np.state.read(), newname)?;
@@ -595,6 +597,19 @@ impl OverlayFs {
         // becomes opaque even when nothing below shows its new name yet.
         let np_merged = !np.state.read().lowers.is_empty();
         let p_merged = !p.state.read().lowers.is_empty();
+        if !self.redirect_dir
+            && ((src_dir && !src.lowers.is_empty())
+                || (exchange
+                    && dst
+                        .as_ref()
+                        .is_some_and(|d| is_dir(d.top_stat()) && !d.lowers.is_empty())))
+        {
+            return Err(errno(libc::EXDEV));
+        }
+        // An entry whose st_ino comes from an origin makes its new parent impure.
+        if sys::fstat(src_up.as_fd())?.st_ino != src_ino {
+            self.mark_impure(&np)?;
+        }
         if src_dir && !src.lowers.is_empty() {
             self.set_redirect(src_ino, &src, src_up.as_fd(), name, samedir)?;
         } else if src_dir && !src.opaque && (dst_lower || np_merged) {
@@ -602,7 +617,10 @@ impl OverlayFs {
         }
         if exchange {
             let d = dst.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
-            let dst_up = self.copy_up_found(&npu, newname, d)?;
+            let dst_up = self.copy_up_found(&np, newname, d)?;
+            if Some(sys::fstat(dst_up.as_fd())?.st_ino) != dst_ino {
+                self.mark_impure(&p)?;
+            }
             if is_dir(d.top_stat()) {
                 if !d.lowers.is_empty() {
                     let dino = dst_ino.unwrap_or_default();
@@ -722,22 +740,28 @@ impl OverlayFs {
         OsString::from_vec(out)
     }
 
-    /// Copies up an object found by lookup, through its live node when there is one.
+    /// Copies up an object found by lookup (with its data: it is about to move, and a metacopy
+    /// file could not find its data from a new name), through its live node when there is one.
     fn copy_up_found(
         &self,
-        pupper: &OwnedFd,
+        parent: &Arc<Node>,
         name: &OsStr,
         found: &Found,
     ) -> io::Result<Arc<OwnedFd>> {
-        if let Some((fd, _)) = &found.upper {
-            return Ok(fd.clone());
-        }
         let st_ino = self.stino_of(found);
         if let Some(node) = self.table.get(st_ino) {
-            return self.copy_up(&node, true);
+            return self.copy_up(&node, CopyUp::Data);
+        }
+        if let Some((fd, _)) = &found.upper {
+            if found.metacopy {
+                return Err(errno(libc::EXDEV));
+            }
+            return Ok(fd.clone());
         }
         let (lower, _) = &found.lowers[0];
-        self.copy_up_obj(pupper.as_fd(), name, lower.fd.as_fd(), true, st_ino)
+        Ok(self
+            .copy_up_obj(parent, name, lower.fd.as_fd(), CopyUp::Data, st_ino)?
+            .0)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -763,7 +787,12 @@ impl OverlayFs {
             return self.do_getattr(ino, fh);
         }
         self.require_upper()?;
-        let up = self.copy_up(&node, size != Some(0))?;
+        let how = match size {
+            Some(0) => CopyUp::Truncate,
+            Some(_) => CopyUp::Data,
+            None => CopyUp::Meta,
+        };
+        let up = self.copy_up(&node, how)?;
         if uid.is_some() || gid.is_some() {
             sys::fchown(up.as_fd(), uid, gid)?;
         }
@@ -834,17 +863,25 @@ impl OverlayFs {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writing = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if acc == libc::O_RDONLY && flags & libc::O_TRUNC != 0 && self.executing(node.st_ino) {
+            return Err(errno(libc::ETXTBSY));
+        }
         if writing {
             self.require_upper()?;
-            self.copy_up(&node, flags & libc::O_TRUNC == 0)?;
+            let how = if flags & libc::O_TRUNC != 0 {
+                CopyUp::Truncate
+            } else {
+                CopyUp::Data
+            };
+            self.copy_up(&node, how)?;
         }
         // Decide under the node's io lock, so a copy-up racing with this open cannot pair a
         // page-cached open with a passthrough one.
         let mut io = node.io.lock();
         let (fd, upper) = {
             let s = node.state.read();
-            let top = s.top().cloned().ok_or_else(|| errno(libc::ESTALE))?;
-            (top, s.upper.is_some())
+            let data = s.data().cloned().ok_or_else(|| errno(libc::EIO))?;
+            (data, s.upper.is_some() && !s.metacopy)
         };
         let real = sys::reopen(fd.as_fd(), self.real_open_flags(flags))?;
         let is_reg = sys::fstat(real.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFREG;
@@ -979,7 +1016,7 @@ impl OverlayFs {
                 let s = d.node.state.read();
                 let parent_ino = s.parent.as_ref().map_or(d.node.st_ino, |p| p.st_ino);
                 (
-                    DirLayer::of(s.upper.as_ref(), s.xwhiteouts, &s.lowers),
+                    DirLayer::of(s.upper.as_ref(), s.xwhiteouts, s.impure, &s.lowers),
                     parent_ino,
                 )
             };
@@ -1050,7 +1087,7 @@ impl OverlayFs {
         }
         self.require_upper()?;
         let node = self.node(ino)?;
-        let up = self.copy_up(&node, true)?;
+        let up = self.copy_up(&node, CopyUp::Meta)?;
         sys::set_xattr(up.as_fd(), name, value, flags)
     }
 
@@ -1062,7 +1099,7 @@ impl OverlayFs {
         // Nothing to remove: fail before copying anything up.
         self.do_getxattr(ino, name)?;
         let node = self.node(ino)?;
-        let up = self.copy_up(&node, true)?;
+        let up = self.copy_up(&node, CopyUp::Meta)?;
         sys::remove_xattr(up.as_fd(), name)
     }
 
