@@ -122,6 +122,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         passthrough: root && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
         metacopy: o.metacopy.unwrap_or(true),
         redirect_dir: o.redirect_dir.unwrap_or(true),
+        index: o.index.unwrap_or(true),
     };
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
     let dev_cell = fs.mount_dev_cell();

@@ -55,6 +55,8 @@ pub struct MountOptions {
     pub metacopy: Option<bool>,
     /// `redirect_dir=on|off|follow|nofollow` (default on; follow/nofollow write none).
     pub redirect_dir: Option<bool>,
+    /// `index=on|off` (default on): hard links stay one inode through copy-up.
+    pub index: Option<bool>,
     /// Options accepted for compatibility that change nothing yet; one warning line each.
     pub ignored: Vec<String>,
 }
@@ -76,7 +78,6 @@ const ACCEPTED_NOT_APPLIED: &[&str] = &[
     "noxattrs",
     "plugins",
     "xattr_permissions",
-    "index",
     "xino",
     "userxattr",
     "context",
@@ -200,6 +201,13 @@ impl MountOptions {
                 "fsname" => self.fsname = Some(need(value)?),
                 "metacopy" => {
                     self.metacopy = Some(match need(value)?.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(OptionError::BadValue(item.clone())),
+                    })
+                }
+                "index" => {
+                    self.index = Some(match need(value)?.as_str() {
                         "on" => true,
                         "off" => false,
                         _ => return Err(OptionError::BadValue(item.clone())),

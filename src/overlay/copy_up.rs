@@ -56,6 +56,17 @@ impl OverlayFs {
                 return Err(errno(libc::ENOENT));
             }
             let parent = s.parent.clone().ok_or_else(|| errno(libc::ESTALE))?;
+            if let Some(index) = s.index.clone() {
+                // Another name of this hard link was copied up already: join its inode.
+                let name = s.name.clone();
+                drop(s);
+                self.copy_up(&parent, CopyUp::Meta)?;
+                let fd = self.link_indexed(&parent, &name, index.as_fd())?;
+                let mut s = node.state.write();
+                s.upper = Some(fd.clone());
+                s.index = None;
+                return Ok(fd);
+            }
             let src = s.lowers.first().map(|l| l.fd.clone());
             (
                 parent,
@@ -126,13 +137,36 @@ impl OverlayFs {
             .ok_or_else(|| errno(libc::ESTALE))?;
         let work = self.work()?;
         let st = sys::fstat(src)?;
+        let indexed =
+            self.index.is_some() && st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink > 1;
+        if indexed && let Some((fd, _)) = self.index_lookup(st_ino)? {
+            return Ok((self.link_indexed(parent, name, fd.as_fd())?, false));
+        }
+        // Hard links are copied whole: a metacopy inode shared by names in other
+        // directories could not find its data by name.
         let meta = how == CopyUp::Meta
             && self.metacopy
+            && !indexed
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_size > 0;
         let tmp = self.tmp_name();
         let built = self
             .build_copy(work, &tmp, src, &st, how, meta, st_ino)
+            .and_then(|()| {
+                if !indexed {
+                    return Ok(());
+                }
+                // Every name of this inode below joins this copy through the index; it counts
+                // the names the merged view shows.
+                sys::set_xattr(
+                    sys_fd_of(work, &tmp)?.as_fd(),
+                    self.style.nlink_xattr(),
+                    &(st.st_nlink as u32).to_le_bytes(),
+                    0,
+                )?;
+                let index = self.index.as_ref().ok_or_else(|| errno(libc::EIO))?;
+                sys::linkat(work, &tmp, index.as_fd(), &super::index_name(st_ino))
+            })
             .and_then(|()| sys::renameat2(work, &tmp, pupper.as_fd(), name, sys::RENAME_NOREPLACE));
         if let Err(e) = built {
             let _ = super::dir::remove_entry(work, &tmp);
@@ -148,6 +182,47 @@ impl OverlayFs {
         let ust = sys::fstat(fd.as_fd())?;
         self.copied.insert(ust.st_ino, st_ino);
         Ok((Arc::new(fd), meta))
+    }
+
+    /// Links the indexed inode `index` as `name` in `parent`'s upper directory.
+    fn link_indexed(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        index: BorrowedFd<'_>,
+    ) -> io::Result<Arc<OwnedFd>> {
+        let pupper = parent
+            .state
+            .read()
+            .upper
+            .clone()
+            .ok_or_else(|| errno(libc::ESTALE))?;
+        sys::link_fd(index, pupper.as_fd(), name)?;
+        self.mark_impure(parent)?;
+        let fd = sys::openat(pupper.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        Ok(Arc::new(fd))
+    }
+
+    /// The merged link count kept on an indexed inode, if `fd` is one.
+    pub(super) fn index_nlink(&self, fd: BorrowedFd<'_>) -> Option<u32> {
+        let v = sys::get_xattr(fd, self.style.nlink_xattr()).ok()??;
+        Some(u32::from_le_bytes(v.try_into().ok()?))
+    }
+
+    /// Adds `delta` to the merged link count of an indexed inode (no-op for other inodes);
+    /// at zero the index entry `key` goes too.
+    pub(super) fn adjust_nlink(&self, fd: BorrowedFd<'_>, delta: i32, key: u64) -> io::Result<()> {
+        let _guard = self.nlink_lock.lock();
+        if let Some(n) = self.index_nlink(fd) {
+            let n = n.saturating_add_signed(delta);
+            sys::set_xattr(fd, self.style.nlink_xattr(), &n.to_le_bytes(), 0)?;
+            if n == 0
+                && let Some(index) = &self.index
+            {
+                let _ = sys::unlinkat(index.as_fd(), &super::index_name(key), 0);
+            }
+        }
+        Ok(())
     }
 
     /// Marks an upper directory as holding entries whose st_ino comes from an origin, so
@@ -329,4 +404,9 @@ fn copy_rw(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: i64, end: i64) -> 
         off += n as i64;
     }
     Ok(())
+}
+
+/// An `O_PATH` fd of `dir/name`.
+fn sys_fd_of(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
 }

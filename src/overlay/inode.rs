@@ -69,6 +69,9 @@ pub struct NodeState {
     pub impure: bool,
     /// The upper file holds metadata only (`overlay.metacopy`); the data is `lowers[0]`.
     pub metacopy: bool,
+    /// The copied-up inode of this lower hard link (from the index), while this name is not
+    /// in the upper layer itself.
+    pub index: Option<Arc<OwnedFd>>,
     /// The name was removed while the kernel still held the inode (open files).
     pub unlinked: bool,
 }

@@ -114,6 +114,14 @@ impl MarkerStyle {
         })
     }
 
+    pub fn nlink_xattr(&self) -> &'static OsStr {
+        OsStr::new(if self.trusted_xattrs {
+            "trusted.stratafs.nlink"
+        } else {
+            "user.stratafs.nlink"
+        })
+    }
+
     pub fn origin_xattr(&self) -> &'static OsStr {
         OsStr::new(if self.trusted_xattrs {
             "trusted.stratafs.origin"

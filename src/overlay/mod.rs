@@ -50,6 +50,8 @@ pub struct FsConfig {
     pub metacopy: bool,
     /// Merged directories move with a redirect (the kernel's `redirect_dir=on`); off: EXDEV.
     pub redirect_dir: bool,
+    /// Hard links below stay one inode through copy-up (the kernel's `index=on`).
+    pub index: bool,
 }
 
 /// A lower object found by lookup.
@@ -89,6 +91,11 @@ pub struct OverlayFs {
     want_passthrough: bool,
     metacopy: bool,
     redirect_dir: bool,
+    /// `<workdir>/stratafs-index`: one hard link per copied-up inode that has several names
+    /// below, named by its st_ino, so every name joins the same upper inode (`index=on`).
+    index: Option<OwnedFd>,
+    /// Serialises read-modify-write of indexed link counts.
+    nlink_lock: parking_lot::Mutex<()>,
     /// The mount's st_dev, once mounted (see `executing`).
     mount_dev: Arc<std::sync::OnceLock<u64>>,
 }
@@ -115,6 +122,9 @@ pub struct Found {
     impure: bool,
     /// The upper file holds metadata only; its data is `lowers[0]`.
     metacopy: bool,
+    /// The copied-up inode of a lower hard link, from the index, when this name itself is not
+    /// in the upper layer yet.
+    index: Option<(Arc<OwnedFd>, sys::Stat)>,
 }
 
 /// Where a lookup continues in the lower layers.
@@ -161,10 +171,18 @@ enum Walk {
 }
 
 impl Found {
+    /// The upper inode this name shows, in the upper layer or through the index.
+    fn upper_inode(&self) -> Option<&Arc<OwnedFd>> {
+        self.upper
+            .as_ref()
+            .or(self.index.as_ref())
+            .map(|(fd, _)| fd)
+    }
+
     fn top_stat(&self) -> &sys::Stat {
-        match &self.upper {
-            Some((_, st)) => st,
-            None => &self.lowers[0].1,
+        match (&self.upper, &self.index) {
+            (Some((_, st)), _) | (None, Some((_, st))) => st,
+            _ => &self.lowers[0].1,
         }
     }
 }
@@ -202,10 +220,14 @@ impl OverlayFs {
                 }
             };
         }
-        let work = match &cfg.work {
-            Some(w) if cfg.upper.is_some() => Some(prepare_work(w)?),
-            _ => None,
+        let (work, index) = match &cfg.work {
+            Some(w) if cfg.upper.is_some() => {
+                let (work, index) = prepare_work(w)?;
+                (Some(work), Some(index))
+            }
+            _ => (None, None),
         };
+        let index = if cfg.index { index } else { None };
         let style = match &work {
             Some(w) => MarkerStyle::probe(w.as_fd()),
             None => MarkerStyle {
@@ -259,6 +281,7 @@ impl OverlayFs {
             redirect: None,
             impure: root_marks.impure,
             metacopy: false,
+            index: None,
             unlinked: false,
         };
         Ok(OverlayFs {
@@ -279,6 +302,8 @@ impl OverlayFs {
             metacopy: cfg.metacopy,
             redirect_dir: cfg.redirect_dir,
             mount_dev: Arc::new(std::sync::OnceLock::new()),
+            index,
+            nlink_lock: parking_lot::Mutex::new(()),
         })
     }
 
@@ -509,9 +534,36 @@ impl OverlayFs {
             }
         }
         if found.upper.is_none() && found.lowers.is_empty() {
-            Ok(None)
-        } else {
-            Ok(Some(found))
+            return Ok(None);
+        }
+        if found.upper.is_none()
+            && let Some((l, st)) = found.lowers.first()
+            && !is_dir(st)
+            && st.st_nlink > 1
+        {
+            let key = self.encode(l.layer, st.st_ino);
+            found.index = self.index_lookup(key)?;
+        }
+        Ok(Some(found))
+    }
+
+    /// The index entry of a copied-up hard-linked inode, by its st_ino.
+    fn index_lookup(&self, key: u64) -> io::Result<Option<(Arc<OwnedFd>, sys::Stat)>> {
+        let Some(index) = &self.index else {
+            return Ok(None);
+        };
+        match sys::openat(
+            index.as_fd(),
+            &index_name(key),
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        ) {
+            Ok(fd) => {
+                let st = sys::fstat(fd.as_fd())?;
+                Ok(Some((Arc::new(fd), st)))
+            }
+            Err(e) if is_enoent(&e) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -548,8 +600,10 @@ impl OverlayFs {
             redirect,
             impure,
             metacopy,
+            index,
             ..
         } = found;
+        let index_fd = index.map(|(fd, _)| fd);
         let upper_fd = upper.map(|(fd, _)| fd);
         let lower_objs: Vec<LowerObj> = lowers.into_iter().map(|(l, _)| l).collect();
         let make = || NodeState {
@@ -562,6 +616,7 @@ impl OverlayFs {
             redirect: redirect.clone(),
             impure,
             metacopy,
+            index: index_fd.clone(),
             unlinked: false,
         };
         let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);
@@ -587,8 +642,18 @@ impl OverlayFs {
             // Like the kernel: counting subdirectories across layers is not worth it, and
             // nlink=1 tells find(1) and friends not to rely on it.
             nlink = 1;
-        } else if state.unlinked && state.upper.is_none() {
+        } else if state.unlinked && state.upper.is_none() && state.index.is_none() {
             nlink = 0;
+        } else if !node.is_dir
+            && st.st_nlink > 1
+            && let Some(n) = state
+                .upper
+                .as_ref()
+                .or(state.index.as_ref())
+                .and_then(|fd| self.index_nlink(fd.as_fd()))
+        {
+            // An indexed hard link: the names the merged view shows, kept on the inode.
+            nlink = n;
         }
         drop(state);
         stat_to_attr(node.st_ino, st, nlink)
@@ -652,6 +717,11 @@ impl OverlayFs {
     }
 }
 
+/// The index entry name of an inode.
+fn index_name(key: u64) -> OsString {
+    OsString::from(format!("{key:016x}"))
+}
+
 /// Like the kernel's xino: on one filesystem the real inode number; across filesystems the
 /// filesystem's index in the top bits.
 /// Number 1 is the mount's root; a real inode 1 inside a layer (tmpfs numbers from 1) moves to
@@ -706,21 +776,26 @@ fn stat_to_attr(ino: u64, st: &sys::Stat, nlink: u32) -> FileAttr {
 }
 
 /// Opens `<workdir>/work`, creating it, and empties it: whatever is there is the leftover of an
-/// interrupted copy-up or delete and was never visible in the merged view.
-fn prepare_work(workdir: &std::path::Path) -> io::Result<OwnedFd> {
+/// interrupted copy-up or delete and was never visible in the merged view. Also opens (creating
+/// it) `<workdir>/stratafs-index`, the hard-link index, which persists.
+fn prepare_work(workdir: &std::path::Path) -> io::Result<(OwnedFd, OwnedFd)> {
     let c = sys::cstr(workdir.as_os_str())?;
     let wd = sys::open(&c, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    match sys::mkdirat(wd.as_fd(), OsStr::new("work"), 0o700) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => return Err(e),
-    }
-    let work = sys::openat(
-        wd.as_fd(),
-        OsStr::new("work"),
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
-    )?;
+    let sub = |name: &str| -> io::Result<OwnedFd> {
+        match sys::mkdirat(wd.as_fd(), OsStr::new(name), 0o700) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+        sys::openat(
+            wd.as_fd(),
+            OsStr::new(name),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+    };
+    let work = sub("work")?;
     dir::remove_contents(work.as_fd())?;
-    Ok(work)
+    let index = sub("stratafs-index")?;
+    Ok((work, index))
 }

@@ -342,8 +342,11 @@ impl OverlayFs {
         // A metacopy file gets its data first: the new name could not find it below.
         let src = self.copy_up(&node, CopyUp::Data)?;
         let caller = Caller { uid: 0, gid: 0 };
-        let (attr, id, _) = self.create_obj(&parent, newname, Make::Link { src }, caller)?;
-        Ok((attr, id))
+        let (_, id, _) =
+            self.create_obj(&parent, newname, Make::Link { src: src.clone() }, caller)?;
+        self.adjust_nlink(src.as_fd(), 1, node.st_ino)?;
+        let st = sys::fstat(src.as_fd())?;
+        Ok((self.attr(&node, &st), id))
     }
 
     pub fn do_create(
@@ -417,6 +420,9 @@ impl OverlayFs {
             (None, _) => self.make_whiteout(pupper.as_fd(), name)?,
         }
         let st_ino = self.stino_of(&found);
+        if !found_dir && let Some(fd) = found.upper_inode() {
+            self.adjust_nlink(fd.as_fd(), -1, st_ino)?;
+        }
         if let Some((_, st)) = &found.upper
             && (found_dir || st.st_nlink <= 1)
         {
@@ -653,6 +659,12 @@ impl OverlayFs {
                 rflags |= sys::RENAME_WHITEOUT;
             }
             sys::renameat2(pu.as_fd(), name, npu.as_fd(), newname, rflags)?;
+            if let Some(d) = &dst
+                && !is_dir(d.top_stat())
+                && let Some(fd) = d.upper_inode()
+            {
+                self.adjust_nlink(fd.as_fd(), -1, dst_ino.unwrap_or_default())?;
+            }
             if src_needs_wh && !self.style.char_whiteout {
                 self.make_whiteout(pu.as_fd(), name)?;
             }
