@@ -7,4 +7,5 @@
 pub mod daemon;
 pub mod options;
 pub mod overlay;
+pub mod storage;
 pub mod sys;

@@ -78,6 +78,8 @@ fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let res = match argv.get(1).and_then(|a| a.to_str()) {
         Some("mount" | "umount" | "unmount" | "help") => subcommand(&argv),
+        Some("layers" | "image") => stratafs::storage::layers::cli::run(&argv),
+        Some("snapshots" | "serve") => stratafs::storage::snapshots::cli::run(&argv),
         _ => legacy(&argv),
     };
     match res {

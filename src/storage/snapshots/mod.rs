@@ -1,0 +1,3 @@
+//! Snapshot driver with containerd's semantics and its gRPC proxy server (being written).
+
+pub mod cli;
