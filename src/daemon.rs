@@ -119,10 +119,14 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         // layers are not to be changed behind the mount's back (as with the kernel's overlayfs).
         ttl: Duration::from_secs(3600),
         threads,
-        passthrough: root && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
+        // Passthrough needs CAP_SYS_ADMIN in the initial user namespace, not just uid 0.
+        passthrough: root
+            && initial_user_namespace()
+            && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
         metacopy: o.metacopy.unwrap_or(true),
         redirect_dir: o.redirect_dir.unwrap_or(true),
         index: o.index.unwrap_or(true),
+        ownership: o.ownership.clone(),
     };
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
     let dev_cell = fs.mount_dev_cell();
@@ -252,4 +256,12 @@ fn mount_dev(mnt: &std::path::Path) -> Option<u64> {
     })?;
     let (maj, min) = line.split(' ').nth(2)?.split_once(':')?;
     Some(sys::makedev(maj.parse().ok()?, min.parse().ok()?))
+}
+
+/// Are we in the initial user namespace (where uid 0 holds real capabilities)?
+fn initial_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        f == ["0", "0", "4294967295"]
+    })
 }

@@ -55,6 +55,8 @@ pub struct MountOptions {
     pub metacopy: Option<bool>,
     /// `redirect_dir=on|off|follow|nofollow` (default on; follow/nofollow write none).
     pub redirect_dir: Option<bool>,
+    /// Ownership as the container sees it (uidmapping, gidmapping, squash_*, xattr_permissions).
+    pub ownership: crate::overlay::idmap::Ownership,
     /// `index=on|off` (default on): hard links stay one inode through copy-up.
     pub index: Option<bool>,
     /// Options accepted for compatibility that change nothing yet; one warning line each.
@@ -63,11 +65,6 @@ pub struct MountOptions {
 
 /// fuse-overlayfs options stratafs accepts but does not apply (yet).
 const ACCEPTED_NOT_APPLIED: &[&str] = &[
-    "uidmapping",
-    "gidmapping",
-    "squash_to_root",
-    "squash_to_uid",
-    "squash_to_gid",
     "static_nlink",
     "noacl",
     "timeout",
@@ -77,7 +74,6 @@ const ACCEPTED_NOT_APPLIED: &[&str] = &[
     "writeback",
     "noxattrs",
     "plugins",
-    "xattr_permissions",
     "xino",
     "userxattr",
     "context",
@@ -205,6 +201,33 @@ impl MountOptions {
                         "off" => false,
                         _ => return Err(OptionError::BadValue(item.clone())),
                     })
+                }
+                "uidmapping" => {
+                    self.ownership.uids = crate::overlay::idmap::IdMap::parse(&need(value)?)
+                        .map_err(|e| OptionError::Layout(e.to_string()))?
+                }
+                "gidmapping" => {
+                    self.ownership.gids = crate::overlay::idmap::IdMap::parse(&need(value)?)
+                        .map_err(|e| OptionError::Layout(e.to_string()))?
+                }
+                "squash_to_root" => {
+                    self.ownership.squash_uid = Some(0);
+                    self.ownership.squash_gid = Some(0);
+                }
+                "squash_to_uid" => {
+                    let v = need(value)?;
+                    self.ownership.squash_uid =
+                        Some(v.parse().map_err(|_| OptionError::BadValue(item.clone()))?);
+                }
+                "squash_to_gid" => {
+                    let v = need(value)?;
+                    self.ownership.squash_gid =
+                        Some(v.parse().map_err(|_| OptionError::BadValue(item.clone()))?);
+                }
+                "xattr_permissions" => {
+                    self.ownership.xattr_perms =
+                        crate::overlay::idmap::XattrPerms::parse(&need(value)?)
+                            .ok_or_else(|| OptionError::BadValue(item.clone()))?;
                 }
                 "index" => {
                     self.index = Some(match need(value)?.as_str() {
@@ -427,7 +450,8 @@ mod tests {
         .unwrap();
         assert_eq!(o.lowers.len(), 2);
         assert!(o.volatile);
-        assert_eq!(o.ignored, vec!["uidmapping=:0:300000:65536"]);
+        assert!(o.ignored.is_empty());
+        assert_eq!(o.ownership.uids.to_host(0), Some(300000));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 mod copy_up;
 mod dir;
 mod fuse;
+pub mod idmap;
 pub mod inode;
 pub mod layer;
 mod ops;
@@ -52,6 +53,8 @@ pub struct FsConfig {
     pub redirect_dir: bool,
     /// Hard links below stay one inode through copy-up (the kernel's `index=on`).
     pub index: bool,
+    /// How ownership is translated between disk and container.
+    pub ownership: idmap::Ownership,
 }
 
 /// A lower object found by lookup.
@@ -94,6 +97,8 @@ pub struct OverlayFs {
     /// `<workdir>/stratafs-index`: one hard link per copied-up inode that has several names
     /// below, named by its st_ino, so every name joins the same upper inode (`index=on`).
     index: Option<OwnedFd>,
+    /// Ownership translation (id maps, squashing, xattr-kept permissions).
+    own: idmap::Ownership,
     /// Serialises read-modify-write of indexed link counts.
     nlink_lock: parking_lot::Mutex<()>,
     /// The mount's st_dev, once mounted (see `executing`).
@@ -304,6 +309,7 @@ impl OverlayFs {
             mount_dev: Arc::new(std::sync::OnceLock::new()),
             index,
             nlink_lock: parking_lot::Mutex::new(()),
+            own: cfg.ownership.clone(),
         })
     }
 
@@ -655,8 +661,21 @@ impl OverlayFs {
             // An indexed hard link: the names the merged view shows, kept on the inode.
             nlink = n;
         }
+        let top = state.top().cloned();
         drop(state);
-        stat_to_attr(node.st_ino, st, nlink)
+        let mut attr = stat_to_attr(node.st_ino, st, nlink);
+        if !self.own.is_plain() {
+            (attr.uid, attr.gid) = self.own.show(st.st_uid, st.st_gid);
+            if let (Some(xp), Some(fd)) = (self.own.xattr_perms, top)
+                && let Ok(Some(v)) = sys::get_xattr(fd.as_fd(), xp.xattr())
+                && let Some(o) = idmap::Override::parse(&v)
+            {
+                attr.uid = o.uid;
+                attr.gid = o.gid;
+                attr.perm = o.mode as u16;
+            }
+        }
+        attr
     }
 
     /// fstat of the topmost object of a node.

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::copy_up::CopyUp;
 use super::dir::{DirEntry, DirLayer, remove_contents, remove_entry};
 use super::inode::Node;
-use super::{Found, OverlayFs, errno, is_dir, is_enoent, layer};
+use super::{Found, OverlayFs, errno, idmap, is_dir, is_enoent, layer};
 use crate::sys::{self, SetTime};
 
 /// Who asks: the ids new objects get.
@@ -233,9 +233,24 @@ impl OverlayFs {
             };
             let fd = sys::openat(bdir, &bname, flags, 0)?;
             if !is_link {
-                sys::fchown(fd.as_fd(), Some(caller.uid), Some(gid))?;
-                if let Some(m) = final_mode {
-                    sys::chmod_fd(fd.as_fd(), m)?;
+                if let Some(xp) = self.own.xattr_perms {
+                    // Owner and mode live in the xattr; the inode stays the daemon's.
+                    let o = idmap::Override {
+                        uid: caller.uid,
+                        gid,
+                        mode: final_mode.unwrap_or(0o777),
+                        kind: None,
+                    };
+                    if let Some(m) = final_mode {
+                        sys::chmod_fd(fd.as_fd(), m | 0o600)?;
+                    }
+                    sys::set_xattr(fd.as_fd(), xp.xattr(), &o.encode(), 0)?;
+                } else {
+                    let (u, g) = self.own.store(Some(caller.uid), Some(gid))?;
+                    sys::fchown(fd.as_fd(), u, g)?;
+                    if let Some(m) = final_mode {
+                        sys::chmod_fd(fd.as_fd(), m)?;
+                    }
                 }
             }
             if mk_dir && slot != Slot::Free {
@@ -805,11 +820,30 @@ impl OverlayFs {
             None => CopyUp::Meta,
         };
         let up = self.copy_up(&node, how)?;
-        if uid.is_some() || gid.is_some() {
-            sys::fchown(up.as_fd(), uid, gid)?;
-        }
-        if let Some(m) = mode {
-            sys::chmod_fd(up.as_fd(), m & 0o7777)?;
+        if let Some(xp) = self.own.xattr_perms {
+            if uid.is_some() || gid.is_some() || mode.is_some() {
+                let shown = self.attr(&node, &sys::fstat(up.as_fd())?);
+                let mut o = sys::get_xattr(up.as_fd(), xp.xattr())?
+                    .and_then(|v| idmap::Override::parse(&v))
+                    .unwrap_or(idmap::Override {
+                        uid: shown.uid,
+                        gid: shown.gid,
+                        mode: u32::from(shown.perm),
+                        kind: None,
+                    });
+                o.uid = uid.unwrap_or(o.uid);
+                o.gid = gid.unwrap_or(o.gid);
+                o.mode = mode.map_or(o.mode, |m| m & 0o7777);
+                sys::set_xattr(up.as_fd(), xp.xattr(), &o.encode(), 0)?;
+            }
+        } else {
+            if uid.is_some() || gid.is_some() {
+                let (u, g) = self.own.store(uid, gid)?;
+                sys::fchown(up.as_fd(), u, g)?;
+            }
+            if let Some(m) = mode {
+                sys::chmod_fd(up.as_fd(), m & 0o7777)?;
+            }
         }
         if let Some(size) = size {
             let handle = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()));
