@@ -101,7 +101,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     }
     // Modes of new objects come from the caller's request, not from our umask.
     sys::set_umask(0);
-    let _ = sys::raise_nofile_limit();
+    let fd_limit = sys::raise_nofile_limit().unwrap_or(1024);
     let root = sys::geteuid() == 0;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -127,9 +127,11 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         redirect_dir: o.redirect_dir.unwrap_or(true),
         index: o.index.unwrap_or(true),
         ownership: o.ownership.clone(),
+        fd_limit,
     };
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
     let dev_cell = fs.mount_dev_cell();
+    let reaper = fs.reaper();
     let mut mount_options = vec![
         MountOption::FSName(o.fsname.clone().unwrap_or_else(|| "stratafs".to_string())),
         MountOption::Subtype(o.subtype.clone().unwrap_or_else(|| "stratafs".to_string())),
@@ -235,6 +237,10 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         let devnull = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
         sys::dup2(devnull.as_fd(), 1)?;
     }
+    let notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || reaper.run(notifier))?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

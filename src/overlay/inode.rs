@@ -202,6 +202,34 @@ impl InodeTable {
         });
     }
 
+    /// Up to `n` (parent st_ino, name) pairs of nodes the kernel could forget, files first:
+    /// the reaper invalidates these entries to keep the daemon's fds bounded.
+    pub fn victims(&self, n: usize) -> Vec<(u64, OsString)> {
+        let mut files = Vec::with_capacity(n);
+        let mut dirs = Vec::new();
+        for e in self.by_id.iter() {
+            if files.len() >= n {
+                break;
+            }
+            let node = e.value();
+            let Some(s) = node.state.try_read() else {
+                continue;
+            };
+            let Some(parent) = &s.parent else { continue };
+            let entry = (parent.st_ino, s.name.clone());
+            if node.is_dir {
+                if dirs.len() < n {
+                    dirs.push(entry);
+                }
+            } else {
+                files.push(entry);
+            }
+        }
+        let missing = n.saturating_sub(files.len());
+        files.extend(dirs.into_iter().take(missing));
+        files
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }

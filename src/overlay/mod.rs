@@ -15,6 +15,7 @@ pub mod idmap;
 pub mod inode;
 pub mod layer;
 mod ops;
+pub mod reaper;
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -55,6 +56,8 @@ pub struct FsConfig {
     pub index: bool,
     /// How ownership is translated between disk and container.
     pub ownership: idmap::Ownership,
+    /// RLIMIT_NOFILE the daemon runs with.
+    pub fd_limit: u64,
 }
 
 /// A lower object found by lookup.
@@ -78,7 +81,9 @@ pub struct OverlayFs {
     style: MarkerStyle,
     /// All layers on one filesystem: st_ino is the real inode number, as with the kernel.
     single_dev: bool,
-    table: InodeTable,
+    table: Arc<InodeTable>,
+    /// Bounds the fds the table holds (see `reaper`).
+    reaper: Arc<reaper::Reaper>,
     handles: DashMap<u64, Arc<ops::Handle>>,
     next_fh: AtomicU64,
     /// Upper inode number -> the st_ino its object had before copy-up, so st_ino stays stable
@@ -289,13 +294,15 @@ impl OverlayFs {
             index: None,
             unlinked: false,
         };
+        let table = Arc::new(InodeTable::new(root));
         Ok(OverlayFs {
             layers,
             has_upper,
             work,
             style,
             single_dev,
-            table: InodeTable::new(root),
+            reaper: Arc::new(reaper::Reaper::new(table.clone(), cfg.fd_limit)),
+            table,
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             copied: DashMap::new(),
@@ -311,6 +318,11 @@ impl OverlayFs {
             nlink_lock: parking_lot::Mutex::new(()),
             own: cfg.ownership.clone(),
         })
+    }
+
+    /// The fd reaper, for the daemon to run in a thread of its own once mounted.
+    pub fn reaper(&self) -> Arc<reaper::Reaper> {
+        self.reaper.clone()
     }
 
     /// Where the daemon records the mount's st_dev once the mount exists.
@@ -626,6 +638,9 @@ impl OverlayFs {
             unlinked: false,
         };
         let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);
+        if !existed {
+            self.reaper.kick();
+        }
         if existed {
             let mut s = node.state.write();
             s.parent = Some(parent.clone());
