@@ -478,6 +478,13 @@ impl Snapshotter {
             options.push(format!("upperdir={}", self.path_str(record.id, "fs")));
         }
         options.push(format!("lowerdir={}", lowers.join(":")));
+        if self.config.backend == Backend::Fuse && !ro {
+            // The upper directory becomes a lower layer once committed, and is read by differs
+            // and possibly kernel overlayfs: keep every copy-up a full one. (Metadata-only
+            // copies in a lower layer are refused by the kernel without `metacopy=on`, and
+            // stratafs itself reads zeros through them: see docs/snapshots.md.)
+            options.push("metacopy=off".into());
+        }
         vec![Mount {
             kind: overlay_type.into(),
             source: "overlay".into(),
