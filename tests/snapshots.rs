@@ -1055,3 +1055,235 @@ macro_rules! suite {
 }
 
 suite!(fuse => Backend::Fuse, kernel => Backend::Kernel, native => Backend::Native);
+
+// ---------------------------------------------------------------------------------------------
+// The gRPC proxy service
+
+mod grpc_service {
+    use super::*;
+    use std::sync::Arc;
+    use stratafs::storage::snapshots::grpc::{self, Client};
+    use tonic::Code;
+
+    #[track_caller]
+    fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code) {
+        match r {
+            Err(s) => assert_eq!(s.code(), code, "unexpected status {s:?}"),
+            Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        }
+    }
+
+    async fn wait_for_socket(path: &Path) {
+        for _ in 0..200 {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{} never accepted connections", path.display());
+    }
+
+    #[test]
+    fn service_over_unix_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let socket = tmp.path().join("run/snap.sock");
+        let sn = Arc::new(
+            Snapshotter::open(Config {
+                root: root.clone(),
+                backend: Backend::Kernel,
+                stratafs_bin: BIN.into(),
+            })
+            .unwrap(),
+        );
+        // A socket left by a crashed server is replaced.
+        fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(socket.exists());
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = {
+            let (sn, socket) = (sn.clone(), socket.clone());
+            rt.spawn(async move {
+                grpc::serve(sn, &socket, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        };
+        let mnt = tmp.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        rt.block_on(async {
+            wait_for_socket(&socket).await;
+            let mut c = Client::connect(&socket, "ns-a").await.unwrap();
+            let m = c.prepare("k", "", HashMap::new()).await.unwrap();
+            assert_eq!(m[0].kind, "bind");
+            {
+                let g = Mounted::new(&m, mnt.clone());
+                fs::write(g.path.join("hello"), b"world").unwrap();
+                g.unmount();
+            }
+            let l = HashMap::from([("containerd.io/gc.root".to_string(), "x".to_string())]);
+            c.commit("base", "k", l).await.unwrap();
+            let info = c.stat("base").await.unwrap();
+            assert_eq!(info.kind, Kind::Committed);
+            assert_eq!(info.labels["containerd.io/gc.root"], "x");
+            assert_eq!(
+                info,
+                sn.stat("ns-a", "base").unwrap(),
+                "timestamps survive the wire"
+            );
+            let m = c.prepare("top", "base", HashMap::new()).await.unwrap();
+            assert_eq!(m[0].kind, "overlay");
+            assert_eq!(c.mounts("top").await.unwrap(), m);
+            {
+                let g = Mounted::new(&m, mnt.clone());
+                assert_eq!(fs::read(g.path.join("hello")).unwrap(), b"world");
+            }
+            let v = c.view("v", "base", HashMap::new()).await.unwrap();
+            assert_eq!(v[0].options, vec!["ro".to_string(), "rbind".to_string()]);
+            assert!(c.usage("base").await.unwrap().inodes >= 2);
+
+            // Error codes as containerd expects them.
+            assert_code(
+                c.prepare("x", "missing", HashMap::new()).await,
+                Code::NotFound,
+            );
+            assert_code(
+                c.prepare("top", "base", HashMap::new()).await,
+                Code::AlreadyExists,
+            );
+            assert_code(
+                c.prepare("x", "top", HashMap::new()).await,
+                Code::InvalidArgument,
+            );
+            assert_code(c.remove("base").await, Code::FailedPrecondition);
+            assert_code(
+                c.commit("c2", "base", HashMap::new()).await,
+                Code::FailedPrecondition,
+            );
+            assert_code(c.mounts("base").await, Code::FailedPrecondition);
+            assert_code(c.stat("nope").await, Code::NotFound);
+            assert_code(c.stat("").await, Code::InvalidArgument);
+            assert_code(c.list(&["name=="]).await, Code::InvalidArgument);
+            let mut info = c.stat("top").await.unwrap();
+            assert_code(
+                c.update(info.clone(), &["parent"]).await,
+                Code::InvalidArgument,
+            );
+            info.labels.insert("a".into(), "1".into());
+            let updated = c.update(info, &["labels.a"]).await.unwrap();
+            assert_eq!(updated.labels.get("a").map(String::as_str), Some("1"));
+            assert!(updated.updated > updated.created);
+            assert_code(
+                c.with_namespace("").stat("base").await,
+                Code::FailedPrecondition,
+            );
+
+            // Namespaces never collide.
+            let mut b = c.with_namespace("ns-b");
+            assert_code(b.stat("base").await, Code::NotFound);
+            b.prepare("top", "", HashMap::new()).await.unwrap();
+            assert_eq!(b.list(&[]).await.unwrap().0.len(), 1);
+            assert_eq!(c.list(&[]).await.unwrap().0.len(), 3);
+
+            // List streams in batches.
+            let mut many = c.with_namespace("ns-many");
+            for i in 0..250 {
+                many.view(&format!("v{i:03}"), "", HashMap::new())
+                    .await
+                    .unwrap();
+            }
+            let (all, messages) = many.list(&[]).await.unwrap();
+            assert_eq!(all.len(), 250);
+            assert_eq!(messages, 3);
+            let (some, _) = many.list(&["name~=^v00", "name==v249"]).await.unwrap();
+            assert_eq!(some.len(), 11);
+
+            // Cleanup collects orphans only.
+            let orphan = root.join("snapshots/424242");
+            fs::create_dir_all(&orphan).unwrap();
+            c.cleanup().await.unwrap();
+            assert!(!orphan.exists());
+            assert_eq!(c.stat("top").await.unwrap().kind, Kind::Active);
+            c.remove("v").await.unwrap();
+            c.remove("top").await.unwrap();
+            c.remove("base").await.unwrap();
+        });
+
+        // A second server on a live socket is refused.
+        let again = rt.block_on(grpc::serve(sn.clone(), &socket, async {}));
+        assert!(
+            matches!(again, Err(grpc::ServeError::InUse(_))),
+            "{again:?}"
+        );
+        stop.send(()).unwrap();
+        rt.block_on(server).unwrap().unwrap();
+        assert!(!socket.exists(), "the socket is removed at shutdown");
+    }
+
+    /// A child process killed on drop.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn serve_binary_stops_on_sigterm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let socket = tmp.path().join("snap.sock");
+        let spawn = || {
+            Child(
+                std::process::Command::new(BIN)
+                    .args(["serve", "--backend", "native", "--socket"])
+                    .arg(&socket)
+                    .arg("--root")
+                    .arg(&root)
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut child = spawn();
+        rt.block_on(async {
+            wait_for_socket(&socket).await;
+            let mut c = Client::connect(&socket, "default").await.unwrap();
+            c.prepare("k", "", HashMap::new()).await.unwrap();
+        });
+        // SIGKILL leaves the socket behind; the next server replaces it and sees the data.
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        assert!(socket.exists());
+        let mut child = spawn();
+        rt.block_on(async {
+            wait_for_socket(&socket).await;
+            let mut c = Client::connect(&socket, "default").await.unwrap();
+            assert_eq!(c.stat("k").await.unwrap().kind, Kind::Active);
+        });
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let exit = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(exit.success(), "{exit:?}");
+        assert!(!socket.exists());
+    }
+}
