@@ -272,8 +272,17 @@ pub struct MountPlan {
 
 fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, OptionError> {
     let abs = std::path::absolute(p).map_err(|e| OptionError::Path(what.into(), e.to_string()))?;
-    let c = fs::canonicalize(&abs)
-        .map_err(|e| OptionError::Path(format!("{what} '{}'", p.display()), e.to_string()))?;
+    let c = fs::canonicalize(&abs).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            OptionError::Layout(format!(
+                "{what} '{}' is a mount whose daemon died: run 'stratafs umount {}'",
+                p.display(),
+                p.display()
+            ))
+        } else {
+            OptionError::Path(format!("{what} '{}'", p.display()), e.to_string())
+        }
+    })?;
     let md = fs::metadata(&c)
         .map_err(|e| OptionError::Path(format!("{what} '{}'", p.display()), e.to_string()))?;
     if !md.is_dir() {
