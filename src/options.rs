@@ -272,7 +272,7 @@ pub struct MountPlan {
 
 fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, OptionError> {
     let abs = std::path::absolute(p).map_err(|e| OptionError::Path(what.into(), e.to_string()))?;
-    let c = fs::canonicalize(&abs).map_err(|e| {
+    let fail = |e: std::io::Error| {
         if e.raw_os_error() == Some(libc::ENOTCONN) {
             OptionError::Layout(format!(
                 "{what} '{}' is a mount whose daemon died: run 'stratafs umount {}'",
@@ -282,9 +282,9 @@ fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, OptionError> {
         } else {
             OptionError::Path(format!("{what} '{}'", p.display()), e.to_string())
         }
-    })?;
-    let md = fs::metadata(&c)
-        .map_err(|e| OptionError::Path(format!("{what} '{}'", p.display()), e.to_string()))?;
+    };
+    let c = fs::canonicalize(&abs).map_err(fail)?;
+    let md = fs::metadata(&c).map_err(fail)?;
     if !md.is_dir() {
         return Err(OptionError::Path(
             format!("{what} '{}'", p.display()),
