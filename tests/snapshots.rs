@@ -1176,10 +1176,13 @@ mod grpc_service {
             let updated = c.update(info, &["labels.a"]).await.unwrap();
             assert_eq!(updated.labels.get("a").map(String::as_str), Some("1"));
             assert!(updated.updated > updated.created);
-            assert_code(
-                c.with_namespace("").stat("base").await,
-                Code::FailedPrecondition,
-            );
+            // No (or an empty) namespace header: the "default" namespace (containerd 1.x
+            // sends none to proxy snapshotters).
+            let mut none = c.with_namespace("");
+            assert_code(none.stat("base").await, Code::NotFound);
+            none.view("dflt", "", HashMap::new()).await.unwrap();
+            let mut dflt = c.with_namespace("default");
+            assert_eq!(dflt.stat("dflt").await.unwrap().kind, Kind::View);
 
             // Namespaces never collide.
             let mut b = c.with_namespace("ns-b");
@@ -1285,5 +1288,416 @@ mod grpc_service {
         };
         assert!(exit.success(), "{exit:?}");
         assert!(!socket.exists());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real containerd, with us as its proxy snapshotter
+
+mod containerd {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use std::process::{Command, Stdio};
+
+    fn which(name: &str) -> Option<PathBuf> {
+        std::env::var_os("PATH")?
+            .to_str()?
+            .split(':')
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+    }
+
+    /// Kills the daemons and unmounts everything under `dir` on drop.
+    struct World {
+        dir: PathBuf,
+        children: Vec<std::process::Child>,
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            for c in self.children.iter_mut().rev() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+                for _ in 0..100 {
+                    if matches!(c.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            // Deepest first.
+            let prefix = self.dir.to_string_lossy().into_owned();
+            let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+                .filter(|m| m.starts_with(&prefix))
+                .collect();
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mounts {
+                let _ = stratafs::sys::umount(std::ffi::OsStr::new(&m), true);
+            }
+        }
+    }
+
+    fn sha(data: &[u8]) -> String {
+        Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn tar_layer(entries: &[(&str, Option<&[u8]>, Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            match (data, link) {
+                (Some(d), _) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o755);
+                    h.set_size(d.len() as u64);
+                    b.append_data(&mut h, path, *d).unwrap();
+                }
+                (None, Some(target)) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    b.append_link(&mut h, path, target).unwrap();
+                }
+                (None, None) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    b.append_data(&mut h, path, std::io::empty()).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// An OCI image archive (two layers: busybox, then a file) as `ctr image import` takes.
+    fn image_archive(busybox: &Path, name: &str) -> Vec<u8> {
+        let bb = fs::read(busybox).unwrap();
+        let l1 = tar_layer(&[
+            ("bin", None, None),
+            ("bin/busybox", Some(&bb), None),
+            ("bin/sh", None, Some("busybox")),
+            ("bin/cat", None, Some("busybox")),
+            ("bin/echo", None, Some("busybox")),
+            ("etc", None, None),
+            ("tmp", None, None),
+        ]);
+        let l2 = tar_layer(&[("hello.txt", Some(b"hello from layer two\n"), None)]);
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let config = serde_json::json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [
+                format!("sha256:{}", sha(&l1)), format!("sha256:{}", sha(&l2))
+            ]},
+        })
+        .to_string()
+        .into_bytes();
+        let desc = |mt: &str, d: &[u8]| serde_json::json!({"mediaType": mt, "digest": format!("sha256:{}", sha(d)), "size": d.len()});
+        let layer_mt = "application/vnd.oci.image.layer.v1.tar";
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": desc("application/vnd.oci.image.config.v1+json", &config),
+            "layers": [desc(layer_mt, &l1), desc(layer_mt, &l2)],
+        })
+        .to_string()
+        .into_bytes();
+        let mut mdesc = desc("application/vnd.oci.image.manifest.v1+json", &manifest);
+        mdesc["annotations"] = serde_json::json!({
+            "io.containerd.image.name": name,
+            "org.opencontainers.image.ref.name": "latest",
+        });
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [mdesc]})
+            .to_string()
+            .into_bytes();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: String, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#);
+        add("index.json".into(), &index);
+        for blob in [&l1, &l2, &config, &manifest] {
+            add(format!("blobs/sha256/{}", sha(blob)), blob);
+        }
+        drop(add);
+        b.into_inner().unwrap()
+    }
+
+    struct Ctr {
+        address: PathBuf,
+        path_env: String,
+    }
+
+    impl Ctr {
+        fn run(&self, args: &[&str]) -> String {
+            let out = Command::new("ctr")
+                .env("PATH", &self.path_env)
+                .arg("--address")
+                .arg(&self.address)
+                .args(["--namespace", "stratafs-test"])
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "ctr {args:?} failed: {}\nstdout: {stdout}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        }
+
+        fn snapshots(&self, args: &[&str]) -> String {
+            let mut all = vec!["snapshots", "--snapshotter", "stratafs"];
+            all.extend_from_slice(args);
+            self.run(&all)
+        }
+    }
+
+    fn wait_for(path: &Path, what: &str, children: &mut [std::process::Child]) {
+        for _ in 0..400 {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return;
+            }
+            for c in children.iter_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    panic!("{what}: a daemon exited early with {s}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: {} never came up", path.display());
+    }
+
+    #[test]
+    fn containerd_runs_containers_on_stratafs() {
+        let missing: Vec<&str> = [
+            "containerd",
+            "ctr",
+            "runc",
+            "containerd-shim-runc-v2",
+            "mount.fuse3",
+        ]
+        .into_iter()
+        .filter(|b| which(b).is_none() && !Path::new("/usr/sbin").join(b).exists())
+        .collect();
+        if !missing.is_empty() {
+            println!(
+                "SKIPPED: not installed: {missing:?} (apt-get install -y containerd runc fuse3)"
+            );
+            return;
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists());
+        let Some(busybox) = busybox else {
+            println!("SKIPPED: no static busybox (apt-get install -y busybox-static)");
+            return;
+        };
+
+        let tmp = tempfile::Builder::new()
+            .prefix("stratafs-ctrd-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut world = World {
+            dir: dir.clone(),
+            children: Vec::new(),
+        };
+        // mount.fuse3 runs `stratafs` from PATH.
+        let bin_dir = Path::new(BIN).parent().unwrap();
+        let path_env = format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            bin_dir.display()
+        );
+        let snap_sock = dir.join("stratafs.sock");
+        let snap_root = dir.join("snap-root");
+        let serve_log = fs::File::create(dir.join("serve.log")).unwrap();
+        world.children.push(
+            Command::new(BIN)
+                .args(["serve", "--backend", "fuse", "--socket"])
+                .arg(&snap_sock)
+                .arg("--root")
+                .arg(&snap_root)
+                .stderr(serve_log)
+                .spawn()
+                .unwrap(),
+        );
+        wait_for(&snap_sock, "stratafs serve", &mut world.children);
+
+        let address = dir.join("containerd.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{address}"
+[ttrpc]
+  address = "{address}.ttrpc"
+[proxy_plugins]
+  [proxy_plugins.stratafs]
+    type = "snapshot"
+    address = "{snap}"
+"#,
+            root = dir.join("ctrd-root").display(),
+            state = dir.join("ctrd-state").display(),
+            address = address.display(),
+            snap = snap_sock.display(),
+        );
+        let config_path = dir.join("config.toml");
+        fs::write(&config_path, config).unwrap();
+        let log = fs::File::create(dir.join("containerd.log")).unwrap();
+        world.children.push(
+            Command::new("containerd")
+                .env("PATH", &path_env)
+                .arg("--config")
+                .arg(&config_path)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        wait_for(&address, "containerd", &mut world.children);
+        let ctr = Ctr {
+            address: address.clone(),
+            path_env,
+        };
+
+        let image = "docker.io/library/stratafs-test:latest";
+        let archive = dir.join("image.tar");
+        fs::write(&archive, image_archive(busybox, image)).unwrap();
+        ctr.run(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "stratafs",
+            archive.to_str().unwrap(),
+        ]);
+        let images = ctr.run(&["images", "ls", "-q"]);
+        assert!(images.contains(image), "{images}");
+
+        // The unpacked layers are committed snapshots in our database, in containerd's
+        // namespace (keys are containerd's own).
+        let ls = ctr.snapshots(&["ls"]);
+        let committed: Vec<Vec<&str>> = ls
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.last() == Some(&"Committed"))
+            .collect();
+        assert_eq!(committed.len(), 2, "{ls}");
+        // The top layer is the one that is some other's parent... no: the one nobody has as parent.
+        let parents: Vec<&str> = committed
+            .iter()
+            .filter(|f| f.len() == 3)
+            .map(|f| f[1])
+            .collect();
+        let top = committed
+            .iter()
+            .map(|f| f[0])
+            .find(|k| !parents.contains(k))
+            .unwrap()
+            .to_string();
+
+        // A container on a fuse3.stratafs rootfs: reads both layers, writes to its own.
+        let fifo = dir.join("fifo");
+        fs::create_dir_all(&fifo).unwrap();
+        let out = ctr.run(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stratafs",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            image,
+            "stratafs-c1",
+            "/bin/sh",
+            "-c",
+            "cat /hello.txt && echo written > /tmp/new && cat /tmp/new && /bin/busybox mount | /bin/busybox grep ' / '",
+        ]);
+        assert!(out.contains("hello from layer two"), "{out}");
+        assert!(out.contains("written"), "{out}");
+        assert!(
+            out.contains("stratafs"),
+            "the rootfs is a stratafs mount: {out}"
+        );
+
+        // ctr snapshots: prepare / commit / view / ls / usage / label / rm.
+        ctr.snapshots(&["prepare", "work-1", &top]);
+        let mounts = ctr.snapshots(&["mounts", dir.join("m").to_str().unwrap(), "work-1"]);
+        assert!(mounts.contains("fuse3.stratafs"), "{mounts}");
+        ctr.snapshots(&["commit", "mine-1", "work-1"]);
+        ctr.snapshots(&["view", "view-1", "mine-1"]);
+        let ls = ctr.snapshots(&["ls"]);
+        assert!(ls.contains("mine-1") && ls.contains("view-1"), "{ls}");
+        assert!(!ls.contains("work-1"), "{ls}");
+        let usage = ctr.snapshots(&["usage", "mine-1"]);
+        assert!(usage.contains("mine-1"), "{usage}");
+        ctr.snapshots(&["label", "mine-1", "stratafs.test=yes"]);
+        let info = ctr.snapshots(&["info", "mine-1"]);
+        assert!(info.contains("stratafs.test"), "{info}");
+        let err = Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args([
+                "--namespace",
+                "stratafs-test",
+                "snapshots",
+                "--snapshotter",
+                "stratafs",
+                "rm",
+                "mine-1",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !err.status.success(),
+            "a snapshot with children cannot be removed"
+        );
+        ctr.snapshots(&["rm", "view-1"]);
+        ctr.snapshots(&["rm", "mine-1"]);
+
+        // Garbage collection removes the backend snapshots (and their directories).
+        ctr.run(&["images", "rm", "--sync", image]);
+        let ls = ctr.snapshots(&["ls"]);
+        assert_eq!(ls.lines().skip(1).count(), 0, "{ls}");
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            left = fs::read_dir(snap_root.join("snapshots"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(left.is_empty(), "directories left: {left:?}");
+        drop(world);
     }
 }

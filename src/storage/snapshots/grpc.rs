@@ -27,6 +27,9 @@ use super::{Error, ErrorKind, Info, Kind, Snapshotter};
 /// The gRPC metadata key containerd puts the namespace in.
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
 
+/// The namespace of requests that carry no `containerd-namespace` header.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
 /// How many snapshots one `List` response message carries.
 const LIST_BATCH: usize = 100;
 
@@ -227,16 +230,16 @@ where
 type HttpResponse = http::Response<tonic::body::Body>;
 
 fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
-    let ns = req
-        .metadata()
-        .get(NAMESPACE_HEADER)
-        .ok_or_else(|| Status::failed_precondition("namespace is required"))?
-        .to_str()
-        .map_err(|_| Status::invalid_argument("namespace is not ASCII"))?;
-    if ns.is_empty() {
-        return Err(Status::failed_precondition("namespace is required"));
+    // containerd 1.x does not forward the namespace to proxy snapshotters (its keys already
+    // start with `NAMESPACE/ID/`); those requests share [`DEFAULT_NAMESPACE`].
+    match req.metadata().get(NAMESPACE_HEADER) {
+        None => Ok(DEFAULT_NAMESPACE.to_owned()),
+        Some(v) => match v.to_str() {
+            Ok("") => Ok(DEFAULT_NAMESPACE.to_owned()),
+            Ok(ns) => Ok(ns.to_owned()),
+            Err(_) => Err(Status::invalid_argument("namespace is not ASCII")),
+        },
     }
-    Ok(ns.to_owned())
 }
 
 /// Runs a blocking driver call on the blocking pool.
@@ -502,18 +505,25 @@ impl Client {
         }
     }
 
+    /// Sends the namespace header (none for an empty namespace).
+    fn add_namespace<T>(&self, req: &mut Request<T>) -> Result<(), Status> {
+        if !self.namespace.is_empty() {
+            let v = self
+                .namespace
+                .parse()
+                .map_err(|_| Status::invalid_argument("namespace is not ASCII"))?;
+            req.metadata_mut().insert(NAMESPACE_HEADER, v);
+        }
+        Ok(())
+    }
+
     async fn call<M1, M2>(&mut self, method: &'static str, msg: M1) -> Result<M2, Status>
     where
         M1: prost::Message + Send + Sync + 'static,
         M2: prost::Message + Default + Send + Sync + 'static,
     {
         let mut req = Request::new(msg);
-        req.metadata_mut().insert(
-            NAMESPACE_HEADER,
-            self.namespace
-                .parse()
-                .map_err(|_| Status::invalid_argument("namespace is not ASCII"))?,
-        );
+        self.add_namespace(&mut req)?;
         self.grpc
             .ready()
             .await
@@ -642,12 +652,7 @@ impl Client {
             snapshotter: self.snapshotter.clone(),
             filters: filters.iter().map(|f| f.to_string()).collect(),
         });
-        req.metadata_mut().insert(
-            NAMESPACE_HEADER,
-            self.namespace
-                .parse()
-                .map_err(|_| Status::invalid_argument("namespace is not ASCII"))?,
-        );
+        self.add_namespace(&mut req)?;
         self.grpc
             .ready()
             .await
