@@ -1,0 +1,781 @@
+//! Rootless mounts: the stratafs binary run as root of a user namespace (`unshare --user
+//! --mount`), the way rootless podman runs its mount program.
+//!
+//! Root of a user namespace may not write `trusted.*` xattrs, so the daemon must notice at mount
+//! time and write `user.overlay.*` markers (whiteouts as char 0/0 where the kernel lets it, else
+//! `.wh.NAME`). Also covered: `uidmapping=`/`gidmapping=`, `squash_to_*`, `xattr_permissions=2`,
+//! podman's calling convention (cwd = storage home, relative `l/...` lowers, `,,`, `volatile`),
+//! the mount.fuse3 forms and `fusermount3 -u`.
+//!
+//! Each test writes a bash script that runs inside the namespace and prints what it saw as
+//! `obs KEY=VALUE` lines; the assertions are made here, on those lines and on the layers as the
+//! host sees them afterwards. The script unmounts everything under its directory on exit, and a
+//! guard kills whatever is left in the namespace (a daemon whose mount outlived the script),
+//! also when the test panics. /dev/fuse is made world-rw for the run by a guard that restores
+//! its mode; the tests that touch it are serialised, within this binary and across processes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
+
+/// How long one script may run before the test kills it.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------------------
+// Serialisation and the /dev/fuse mode.
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Holds the process-wide and the cross-process lock for as long as it lives.
+struct Serial {
+    _file: fs::File,
+    _guard: MutexGuard<'static, ()>,
+}
+
+fn serial() -> Serial {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/stratafs-rootless-tests.lock")
+        .expect("open the lock file");
+    // SAFETY: flock on an fd we own; released when the file is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    Serial {
+        _file: file,
+        _guard: guard,
+    }
+}
+
+/// /dev/fuse readable and writable by everyone while it lives; the original mode comes back on
+/// drop, also when the test panics.
+struct DevFuseOpen {
+    mode: u32,
+}
+
+impl DevFuseOpen {
+    fn new() -> DevFuseOpen {
+        let md = fs::metadata("/dev/fuse").expect("/dev/fuse exists");
+        let mode = md.permissions().mode() & 0o7777;
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(mode | 0o666))
+            .expect("chmod /dev/fuse");
+        DevFuseOpen { mode }
+    }
+}
+
+impl Drop for DevFuseOpen {
+    fn drop(&mut self) {
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.mode));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a script in a user namespace.
+
+/// The id maps of the namespace.
+#[derive(Clone, Copy, Debug)]
+enum Map {
+    /// `--map-root-user`: only our uid/gid 0, as root of the namespace.
+    Root,
+    /// Lines for uid_map and gid_map (`INSIDE OUTSIDE COUNT`), written by us from outside.
+    Ranges(&'static str),
+}
+
+/// The shape of rootless podman's namespace: root is the user, 1.. are its subordinate ids.
+const ROOTLESS_MAP: Map = Map::Ranges("0 0 1\n1 100000 65536\n");
+/// Host ids 0..200000 as they are: a namespace where files owned by 100000+N are reachable.
+const IDENTITY_MAP: Map = Map::Ranges("0 0 200000\n");
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    obs: BTreeMap<String, String>,
+    /// Processes still alive in the namespace a few seconds after the script ended.
+    leftovers: Vec<i32>,
+}
+
+impl Run {
+    fn describe(&self) -> String {
+        format!(
+            "status {}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    fn get(&self, key: &str) -> &str {
+        match self.obs.get(key) {
+            Some(v) => v,
+            None => panic!("the script reported no '{key}'\n{}", self.describe()),
+        }
+    }
+
+    fn expect(&self, key: &str, want: &str) {
+        assert_eq!(self.get(key), want, "{key}\n{}", self.describe());
+    }
+
+    fn assert_ok(&self) {
+        assert!(self.status.success(), "script failed\n{}", self.describe());
+        assert!(
+            self.leftovers.is_empty(),
+            "processes outlived the script (a daemon not ended by its unmount?): {:?}\n{}",
+            self.leftovers,
+            self.describe()
+        );
+    }
+}
+
+/// Kills every process left in one mount namespace (ours alone: made for one script).
+struct NsReaper {
+    mnt_ns: Option<PathBuf>,
+}
+
+impl NsReaper {
+    fn members(&self) -> Vec<i32> {
+        let Some(ns) = &self.mnt_ns else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if fs::read_link(e.path().join("ns/mnt")).ok().as_ref() == Some(ns) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Waits up to `grace` for the namespace to empty; returns who is still there.
+    fn wait_empty(&self, grace: Duration) -> Vec<i32> {
+        let start = Instant::now();
+        loop {
+            let m = self.members();
+            if m.is_empty() || start.elapsed() > grace {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NsReaper {
+    fn drop(&mut self) {
+        for sig in [libc::SIGTERM, libc::SIGKILL] {
+            let m = self.members();
+            if m.is_empty() {
+                return;
+            }
+            for pid in m {
+                // SAFETY: signals a process of our own namespace, by its id.
+                unsafe { libc::kill(pid, sig) };
+            }
+            let _ = self.wait_empty(Duration::from_secs(5));
+        }
+    }
+}
+
+const PRELUDE: &str = r#"
+set -euo pipefail
+obs() { printf 'obs %s=%s\n' "$1" "$2"; }
+mounted() { awk -v m="$1" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
+# "FSTYPE SOURCE" of the mount at $1.
+fstype() {
+    awk -v m="$1" '$5 == m { for (i = 7; i < NF; i++) if ($i == "-") print $(i + 1), $(i + 2) }' \
+        /proc/self/mountinfo
+}
+cleanup() {
+    awk -v t="$T/" 'index($5, t) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
+    while read -r m; do fusermount3 -u "$m" 2>/dev/null || umount -l "$m" || true; done
+}
+trap cleanup EXIT
+read -r _
+"#;
+
+/// Runs `script` with bash as root of a new user and mount namespace, cwd `cwd`, with `$T`
+/// (the test directory) and `$BIN` (stratafs) set.
+fn run_in_userns(map: Map, t: &Path, cwd: &Path, script: &str) -> Run {
+    let out_path = t.join("script.out");
+    let err_path = t.join("script.err");
+    let mut cmd = Command::new("unshare");
+    cmd.arg("--user")
+        .arg("--mount")
+        .arg("--propagation")
+        .arg("private");
+    if matches!(map, Map::Root) {
+        cmd.arg("--map-root-user");
+    }
+    cmd.arg("--")
+        .arg("bash")
+        .arg("-c")
+        .arg(format!("{PRELUDE}\n{script}"))
+        .current_dir(cwd)
+        .env("T", t)
+        .env("BIN", BIN)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(&out_path).expect("stdout file"))
+        .stderr(fs::File::create(&err_path).expect("stderr file"));
+    let mut child = cmd.spawn().expect("spawn unshare");
+    let pid = child.id();
+    let own_user_ns = fs::read_link("/proc/self/ns/user").expect("own user ns");
+    let mut reaper = NsReaper { mnt_ns: None };
+    let start = Instant::now();
+    loop {
+        let ns = fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+        if ns.is_some_and(|ns| ns != own_user_ns) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "unshare made no user namespace: {}",
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    reaper.mnt_ns = fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    if let Map::Ranges(lines) = map {
+        for f in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{f}"), lines)
+                .unwrap_or_else(|e| panic!("write {f} of {pid}: {e}"));
+        }
+    }
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"go\n").expect("release the script");
+    drop(stdin);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > SCRIPT_TIMEOUT {
+            let _ = child.kill();
+            let st = child.wait().expect("wait");
+            drop(reaper);
+            panic!(
+                "script timed out ({st})\n--- stdout\n{}--- stderr\n{}",
+                fs::read_to_string(&out_path).unwrap_or_default(),
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let leftovers = reaper.wait_empty(Duration::from_secs(5));
+    drop(reaper);
+    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+    let obs = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("obs "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Run {
+        status,
+        stdout,
+        stderr,
+        obs,
+        leftovers,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side helpers.
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("stratafs-rootless-")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+fn mkdirs(base: &Path, names: &[&str]) {
+    for n in names {
+        fs::create_dir_all(base.join(n)).expect("mkdir");
+    }
+}
+
+fn write(p: &Path, data: &str) {
+    if let Some(d) = p.parent() {
+        fs::create_dir_all(d).expect("mkdir parent");
+    }
+    fs::write(p, data).expect("write");
+}
+
+fn chown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).expect("chown");
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (md.uid(), md.gid())
+}
+
+/// Every xattr name on every object under `root` (symlinks not followed).
+fn all_xattrs(root: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if let Ok(names) = xattr::list(&p) {
+            for n in names {
+                out.push((p.clone(), n.to_string_lossy().into_owned()));
+            }
+        }
+        let md = fs::symlink_metadata(&p).expect("lstat");
+        if md.is_dir() {
+            for e in fs::read_dir(&p).expect("readdir").flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// `name` in `dir` is whited out: a char 0/0 device named `name`, or a `.wh.name` entry.
+fn is_whited_out(dir: &Path, name: &str) -> bool {
+    match fs::symlink_metadata(dir.join(name)) {
+        Ok(md) => md.file_type().is_char_device() && md.rdev() == 0,
+        Err(_) => fs::symlink_metadata(dir.join(format!(".wh.{name}"))).is_ok(),
+    }
+}
+
+fn xattr_str(p: &Path, name: &str) -> Option<String> {
+    xattr::get(p, name).ok().flatten().map(|v| {
+        String::from_utf8_lossy(&v)
+            .trim_end_matches('\0')
+            .to_string()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn version_flag() {
+    for flag in ["--version", "-V"] {
+        let out = Command::new(BIN).arg(flag).output().expect("run stratafs");
+        assert!(out.status.success(), "{flag}: {:?}", out);
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            s.lines()
+                .next()
+                .is_some_and(|l| l.starts_with("stratafs: version ")),
+            "{flag} printed {s:?}"
+        );
+    }
+}
+
+/// Root of a user namespace: mount, copy-up, whiteouts, opaque directories, no `trusted.*`
+/// written, remount reads its own markers, the kernel's overlayfs (`userxattr`) reads the same
+/// tree, the writeback cache keeps sizes right, `fusermount3 -u` ends the daemon.
+#[test]
+fn userns_root_markers_are_user_xattrs() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    mkdirs(t, &["l1", "l2", "u", "w", "kw", "m", "k"]);
+    write(&t.join("l2/a"), "lower a\n");
+    write(&t.join("l1/b"), "lower b\n");
+    write(&t.join("l2/d/x"), "x\n");
+    write(&t.join("l2/d/sub/y"), "y\n");
+    write(&t.join("l1/e/z"), "z\n");
+    write(&t.join("l2/keep/k"), "k\n");
+    let run = run_in_userns(
+        Map::Root,
+        t,
+        t,
+        r#"
+M=$T/m
+obs uid "$(id -u)"
+"$BIN" -o "lowerdir=$T/l1:$T/l2,upperdir=$T/u,workdir=$T/w" "$M"
+obs fstype "$(fstype "$M")"
+obs ls "$(cd "$M" && ls | tr '\n' ' ')"
+obs owner_a "$(stat -c %u:%g "$M/a")"
+echo changed > "$M/a"
+obs a "$(cat "$M/a")"
+rm "$M/b"
+rm -r "$M/d"; mkdir "$M/d"; echo new > "$M/d/n"
+rm -r "$M/e"
+mkdir "$M/fresh"; echo f > "$M/fresh/f"
+# Writeback cache: sizes after append, truncate and a write past the end.
+printf abc > "$M/wb"; printf def >> "$M/wb"; truncate -s 4 "$M/wb"
+obs wb "$(cat "$M/wb")"
+dd if=/dev/zero of="$M/wb" bs=1 count=1 seek=9 conv=notrunc status=none
+obs wb_size "$(stat -c %s "$M/wb")"
+obs ls_after "$(cd "$M" && ls | tr '\n' ' ')"
+obs ls_d "$(ls "$M/d" | tr '\n' ' ')"
+fusermount3 -u "$M"
+obs unmounted "$(mounted "$M" && echo no || echo yes)"
+# Remount: our own markers read back.
+"$BIN" -o "lowerdir=$T/l1:$T/l2,upperdir=$T/u,workdir=$T/w" "$M"
+obs re_ls "$(cd "$M" && ls | tr '\n' ' ')"
+obs re_ls_d "$(ls "$M/d" | tr '\n' ' ')"
+obs re_a "$(cat "$M/a")"
+obs re_wb_size "$(stat -c %s "$M/wb")"
+fusermount3 -u "$M"
+# The kernel's overlayfs with userxattr reads the same upper layer.
+if mount -t overlay overlay -o "lowerdir=$T/l1:$T/l2,upperdir=$T/u,workdir=$T/kw,userxattr" "$T/k" 2>/dev/null; then
+    obs k_ls "$(cd "$T/k" && ls | tr '\n' ' ')"
+    obs k_ls_d "$(ls "$T/k/d" | tr '\n' ' ')"
+    obs k_a "$(cat "$T/k/a")"
+    umount "$T/k"
+else
+    obs k_ls unavailable
+fi
+"#,
+    );
+    run.assert_ok();
+    run.expect("uid", "0");
+    run.expect("fstype", "fuse.stratafs stratafs");
+    run.expect("ls", "a b d e keep ");
+    run.expect("owner_a", "0:0");
+    run.expect("a", "changed");
+    run.expect("wb", "abcd");
+    run.expect("wb_size", "10");
+    run.expect("ls_after", "a d fresh keep wb ");
+    run.expect("ls_d", "n ");
+    run.expect("unmounted", "yes");
+    run.expect("re_ls", "a d fresh keep wb ");
+    run.expect("re_ls_d", "n ");
+    run.expect("re_a", "changed");
+    run.expect("re_wb_size", "10");
+    if run.get("k_ls") != "unavailable" {
+        run.expect("k_ls", "a d fresh keep wb ");
+        run.expect("k_ls_d", "n ");
+        run.expect("k_a", "changed");
+    }
+
+    let u = t.join("u");
+    assert!(
+        is_whited_out(&u, "b"),
+        "no whiteout for b in {}",
+        u.display()
+    );
+    assert!(
+        is_whited_out(&u, "e"),
+        "no whiteout for e in {}",
+        u.display()
+    );
+    assert_eq!(
+        xattr_str(&u.join("d"), "user.overlay.opaque").as_deref(),
+        Some("y"),
+        "d was made over a lower directory: it must be opaque"
+    );
+    assert_eq!(xattr_str(&u.join("fresh"), "user.overlay.opaque"), None);
+    for dir in [&u, &t.join("w")] {
+        for (p, name) in all_xattrs(dir) {
+            assert!(
+                name.starts_with("user."),
+                "{}: xattr {name} written by a rootless mount",
+                p.display()
+            );
+        }
+    }
+    // Nothing below changed.
+    assert_eq!(fs::read_to_string(t.join("l2/a")).unwrap(), "lower a\n");
+    assert!(t.join("l1/b").exists() && t.join("l2/d/sub/y").exists());
+}
+
+/// podman's call: cwd = the driver's home, lowers as relative `l/<short id>` symlinks, an empty
+/// item, `volatile`; unmounted by `fusermount3 -u`.
+#[test]
+fn userns_podman_calling_convention() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    let home = t.join("overlay");
+    mkdirs(
+        &home,
+        &[
+            "l",
+            "1111/diff",
+            "2222/diff",
+            "cccc/diff",
+            "cccc/work",
+            "cccc/merged",
+        ],
+    );
+    write(&home.join("2222/diff/etc/os-release"), "base\n");
+    write(&home.join("2222/diff/bin/tool"), "v1\n");
+    write(&home.join("1111/diff/bin/tool"), "v2\n");
+    symlink("../1111/diff", home.join("l/AAAAAAAAAAAAAAAAAAAAAAAAAA")).unwrap();
+    symlink("../2222/diff", home.join("l/BBBBBBBBBBBBBBBBBBBBBBBBBB")).unwrap();
+    let run = run_in_userns(
+        Map::Root,
+        t,
+        &home,
+        r#"
+M=$PWD/cccc/merged
+"$BIN" -o lowerdir=l/AAAAAAAAAAAAAAAAAAAAAAAAAA:l/BBBBBBBBBBBBBBBBBBBBBBBBBB,upperdir=cccc/diff,workdir=cccc/work,,volatile "$M"
+obs mounted "$(mounted "$M" && echo yes || echo no)"
+obs tool "$(cat "$M/bin/tool")"
+obs os "$(cat "$M/etc/os-release")"
+echo hi > "$M/f"; rm "$M/bin/tool"
+obs ls_bin "$(ls -A "$M/bin" | tr '\n' ' ')"
+cd /
+fusermount3 -u "$M"
+obs unmounted "$(mounted "$M" && echo no || echo yes)"
+"#,
+    );
+    run.assert_ok();
+    run.expect("mounted", "yes");
+    run.expect("tool", "v2");
+    run.expect("os", "base");
+    run.expect("ls_bin", "");
+    run.expect("unmounted", "yes");
+    let up = home.join("cccc/diff");
+    assert_eq!(fs::read_to_string(up.join("f")).unwrap(), "hi\n");
+    assert!(is_whited_out(&up.join("bin"), "tool"));
+    assert_eq!(
+        fs::read_to_string(home.join("1111/diff/bin/tool")).unwrap(),
+        "v2\n"
+    );
+}
+
+/// `stratafs SOURCE MNT -o OPTS` directly, through mount.fuse3 (`-t fuse.stratafs` and
+/// `fuse3.stratafs`, the program found on PATH) and through mount(8), which runs helpers with
+/// a default PATH: the namespace bind-mounts a directory holding `stratafs` over
+/// /usr/local/bin.
+#[test]
+fn userns_mount_fuse3_forms() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    mkdirs(t, &["l", "u", "w", "m", "bin"]);
+    write(&t.join("l/a"), "a\n");
+    symlink(BIN, t.join("bin/stratafs")).unwrap();
+    symlink(BIN, t.join("bin/fuse3.stratafs")).unwrap();
+    let run = run_in_userns(
+        Map::Root,
+        t,
+        t,
+        r#"
+M=$T/m
+O="lowerdir=$T/l,upperdir=$T/u,workdir=$T/w"
+try() {
+    local name=$1; shift
+    if "$@" >"$T/$name.log" 2>&1 && mounted "$M"; then
+        obs "$name" "$(fstype "$M") $(cat "$M/a")"
+        fusermount3 -u "$M"
+    else
+        obs "$name" "failed: $(tr '\n' ' ' <"$T/$name.log")"
+    fi
+}
+try direct "$BIN" mysrc "$M" -o "$O"
+try helper_fuse env PATH="$T/bin:$PATH" mount.fuse3 mysrc "$M" -t fuse.stratafs -o "$O"
+try helper_fuse3 env PATH="$T/bin:$PATH" mount.fuse3 mysrc "$M" -t fuse3.stratafs -o "$O"
+mount --bind "$T/bin" /usr/local/bin
+try mount8 mount -t fuse.stratafs -o "$O" mysrc "$M"
+try mount8_fuse3 mount -t fuse3.stratafs -o "$O" mysrc "$M"
+"#,
+    );
+    run.assert_ok();
+    for key in [
+        "direct",
+        "helper_fuse",
+        "helper_fuse3",
+        "mount8",
+        "mount8_fuse3",
+    ] {
+        run.expect(key, "fuse.stratafs mysrc a");
+    }
+}
+
+/// `uidmapping=`/`gidmapping=` through a mount: host 100000+N shows as N, unmapped ids as
+/// 65534, a chown stores host ids, new objects get the caller's mapped ids.
+#[test]
+fn userns_uid_gid_mapping() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    mkdirs(t, &["l", "u", "w", "m"]);
+    // As containers/storage makes them: the layer roots belong to the container's root.
+    chown(&t.join("u"), 100000, 100000);
+    let l = t.join("l");
+    write(&l.join("root_owned"), "r\n");
+    write(&l.join("five"), "5\n");
+    write(&l.join("stranger"), "s\n");
+    fs::create_dir(l.join("pub")).unwrap();
+    fs::set_permissions(l.join("pub"), fs::Permissions::from_mode(0o1777)).unwrap();
+    for (p, u, g) in [
+        ("", 100000, 100000),
+        ("root_owned", 100000, 100000),
+        ("five", 100005, 100006),
+        ("stranger", 7, 7),
+        ("pub", 100000, 100000),
+    ] {
+        chown(&l.join(p), u, g);
+    }
+    let run = run_in_userns(
+        IDENTITY_MAP,
+        t,
+        t,
+        r#"
+M=$T/m
+"$BIN" -o "lowerdir=$T/l,upperdir=$T/u,workdir=$T/w,uidmapping=0:100000:65536,gidmapping=0:100000:65536" "$M"
+for f in . root_owned five stranger pub; do obs "show_$f" "$(stat -c %u:%g "$M/$f")"; done
+chown 3:4 "$M/five"
+obs chown_five "$(stat -c %u:%g "$M/five")"
+obs chown_unmapped "$(chown 70000 "$M/root_owned" 2>/dev/null && echo ok || echo refused)"
+touch "$M/pub/by_root"; mkdir "$M/newdir"
+setpriv --reuid=5 --regid=6 --clear-groups touch "$M/pub/by5"
+setpriv --reuid=5 --regid=6 --clear-groups mkdir "$M/pub/dir5"
+for f in pub/by_root newdir pub/by5 pub/dir5; do obs "show_$f" "$(stat -c %u:%g "$M/$f")"; done
+fusermount3 -u "$M"
+"#,
+    );
+    run.assert_ok();
+    run.expect("show_.", "0:0");
+    run.expect("show_root_owned", "0:0");
+    run.expect("show_five", "5:6");
+    run.expect("show_stranger", "65534:65534");
+    run.expect("show_pub", "0:0");
+    run.expect("chown_five", "3:4");
+    run.expect("chown_unmapped", "refused");
+    run.expect("show_pub/by_root", "0:0");
+    run.expect("show_newdir", "0:0");
+    run.expect("show_pub/by5", "5:6");
+    run.expect("show_pub/dir5", "5:6");
+    let u = t.join("u");
+    assert_eq!(owner(&u.join("five")), (100003, 100004));
+    assert_eq!(owner(&u.join("pub/by_root")), (100000, 100000));
+    assert_eq!(owner(&u.join("newdir")), (100000, 100000));
+    assert_eq!(owner(&u.join("pub/by5")), (100005, 100006));
+    assert_eq!(owner(&u.join("pub/dir5")), (100005, 100006));
+    assert_eq!(owner(&l.join("five")), (100005, 100006), "lower changed");
+}
+
+/// `squash_to_root` shows every object as 0:0; `squash_to_uid=`/`squash_to_gid=` as the ids
+/// given.
+#[test]
+fn userns_squash() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    mkdirs(t, &["l", "u", "w", "m"]);
+    let l = t.join("l");
+    write(&l.join("five"), "5\n");
+    write(&l.join("stranger"), "s\n");
+    chown(&l.join("five"), 100005, 100006);
+    chown(&l.join("stranger"), 7, 8);
+    let run = run_in_userns(
+        IDENTITY_MAP,
+        t,
+        t,
+        r#"
+M=$T/m
+"$BIN" -o "lowerdir=$T/l,upperdir=$T/u,workdir=$T/w,squash_to_root" "$M"
+for f in five stranger; do obs "root_$f" "$(stat -c %u:%g "$M/$f")"; done
+fusermount3 -u "$M"
+"$BIN" -o "lowerdir=$T/l,upperdir=$T/u,workdir=$T/w,squash_to_uid=1234,squash_to_gid=4321" "$M"
+for f in five stranger; do obs "ids_$f" "$(stat -c %u:%g "$M/$f")"; done
+touch "$M/new"
+obs ids_new "$(stat -c %u:%g "$M/new")"
+fusermount3 -u "$M"
+"#,
+    );
+    run.assert_ok();
+    run.expect("root_five", "0:0");
+    run.expect("root_stranger", "0:0");
+    run.expect("ids_five", "1234:4321");
+    run.expect("ids_stranger", "1234:4321");
+    run.expect("ids_new", "1234:4321");
+}
+
+/// `xattr_permissions=2` in rootless podman's namespace shape: a chown/chmod through the mount
+/// lands in `user.containers.override_stat` on the upper file, the mount shows it, the real
+/// inode keeps its owner; a stored override on a lower file shows as well.
+#[test]
+fn userns_xattr_permissions_user() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    mkdirs(t, &["l", "u", "w", "m"]);
+    let l = t.join("l");
+    write(&l.join("f"), "f\n");
+    fs::set_permissions(l.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    write(&l.join("preset"), "p\n");
+    xattr::set(
+        l.join("preset"),
+        "user.containers.override_stat",
+        b"1000:1001:700",
+    )
+    .unwrap();
+    fs::create_dir(l.join("dir")).unwrap();
+    let run = run_in_userns(
+        ROOTLESS_MAP,
+        t,
+        t,
+        r#"
+M=$T/m
+"$BIN" -o "lowerdir=$T/l,upperdir=$T/u,workdir=$T/w,xattr_permissions=2" "$M"
+obs preset "$(stat -c %u:%g:%a "$M/preset")"
+chown 5:6 "$M/f"; chmod 640 "$M/f"
+obs f "$(stat -c %u:%g:%a "$M/f")"
+obs f_data "$(cat "$M/f")"
+chown 7:8 "$M/dir"
+obs dir "$(stat -c %u:%g:%a "$M/dir")"
+touch "$M/new"; chown 9:10 "$M/new"
+obs new "$(stat -c %u:%g "$M/new")"
+fusermount3 -u "$M"
+"$BIN" -o "lowerdir=$T/l,upperdir=$T/u,workdir=$T/w,xattr_permissions=2" "$M"
+obs re_f "$(stat -c %u:%g:%a "$M/f")"
+fusermount3 -u "$M"
+"#,
+    );
+    run.assert_ok();
+    run.expect("preset", "1000:1001:700");
+    run.expect("f", "5:6:640");
+    run.expect("f_data", "f");
+    run.expect("dir", "7:8:755");
+    run.expect("new", "9:10");
+    run.expect("re_f", "5:6:640");
+    let u = t.join("u");
+    let stored = xattr_str(&u.join("f"), "user.containers.override_stat")
+        .expect("override_stat on the upper file");
+    assert!(
+        stored == "5:6:640" || stored.starts_with("5:6:640:"),
+        "stored {stored:?}"
+    );
+    assert!(
+        xattr_str(&u.join("dir"), "user.containers.override_stat")
+            .is_some_and(|s| s.starts_with("7:8:")),
+        "dir override"
+    );
+    assert_eq!(
+        owner(&u.join("f")),
+        (0, 0),
+        "the real owner must not change"
+    );
+    assert_eq!(
+        owner(&u.join("dir")),
+        (0, 0),
+        "the real owner must not change"
+    );
+    assert_eq!(
+        owner(&u.join("new")),
+        (0, 0),
+        "the real owner must not change"
+    );
+    for (p, name) in all_xattrs(&u) {
+        assert!(name.starts_with("user."), "{}: {name}", p.display());
+    }
+}
