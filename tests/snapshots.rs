@@ -1350,7 +1350,10 @@ mod containerd {
             .collect()
     }
 
-    fn tar_layer(entries: &[(&str, Option<&[u8]>, Option<&str>)]) -> Vec<u8> {
+    /// A tar entry: path, then file data, or a symlink target, or neither (a directory).
+    type TarEntry<'a> = (&'a str, Option<&'a [u8]>, Option<&'a str>);
+
+    fn tar_layer(entries: &[TarEntry<'_>]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, data, link) in entries {
             let mut h = tar::Header::new_gnu();
@@ -1440,7 +1443,6 @@ mod containerd {
         for blob in [&l1, &l2, &config, &manifest] {
             add(format!("blobs/sha256/{}", sha(blob)), blob);
         }
-        drop(add);
         b.into_inner().unwrap()
     }
 
@@ -1611,7 +1613,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .filter(|f| f.last() == Some(&"Committed"))
             .collect();
         assert_eq!(committed.len(), 2, "{ls}");
-        // The top layer is the one that is some other's parent... no: the one nobody has as parent.
+        // The top layer is the one no other snapshot has as its parent.
         let parents: Vec<&str> = committed
             .iter()
             .filter(|f| f.len() == 3)
