@@ -237,6 +237,8 @@ impl<W: Write> Exporter<W> {
         h.set_mode(0o644);
         h.set_size(0);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         self.tar
             .append_data(&mut h, path, io::empty())
             .ctx(|| format!("write {}", path.display()))

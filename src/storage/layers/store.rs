@@ -356,8 +356,11 @@ impl LayerStore {
         Ok(lower
             .split(':')
             .filter(|s| !s.is_empty())
-            .map(|s| self.root.join(s))
-            .collect())
+            .map(|s| {
+                let p = self.root.join(s);
+                fs::canonicalize(&p).ctx(|| format!("resolve {}", p.display()))
+            })
+            .collect::<Result<_>>()?)
     }
 
     /// Creates a read-only layer (`rw = false`) or a container layer on `parent`.
@@ -666,6 +669,9 @@ impl LayerStore {
                     .arg(target))
             }
             Backend::Stratafs => {
+                // As Docker mounts the kernel's: hard links below are not joined through an
+                // index in the workdir, which a layer tar could not carry.
+                opts.push_str(",index=off");
                 if !upper {
                     opts.push_str(",ro");
                 }
