@@ -46,7 +46,7 @@ impl OverlayFs {
                 if !s.metacopy || how == CopyUp::Meta {
                     return Ok(fd);
                 }
-                let src = s.lowers.first().map(|l| l.fd.clone());
+                let src = s.lowers.iter().find(|l| !l.metacopy).map(|l| l.fd.clone());
                 drop(s);
                 self.fill_metacopy(node, &fd, src, how)?;
                 return Ok(fd);
@@ -68,12 +68,14 @@ impl OverlayFs {
                 return Ok(fd);
             }
             let src = s.lowers.first().map(|l| l.fd.clone());
+            let data = s.data().cloned();
             (
                 parent,
                 s.name.clone(),
-                src.ok_or_else(|| errno(libc::ESTALE))?,
+                (src.ok_or_else(|| errno(libc::ESTALE))?, data),
             )
         };
+        let (src, data) = src;
         self.copy_up(&parent, CopyUp::Meta)?;
         let how = if self.metacopy {
             how
@@ -82,7 +84,9 @@ impl OverlayFs {
         } else {
             how
         };
-        let (fd, meta) = self.copy_up_obj(&parent, &name, src.as_fd(), how, node.st_ino)?;
+        let data_fd = data.as_ref().map(|d| d.as_fd());
+        let (fd, meta) =
+            self.copy_up_obj(&parent, &name, src.as_fd(), data_fd, how, node.st_ino)?;
         let mut s = node.state.write();
         s.upper = Some(fd.clone());
         s.metacopy = meta;
@@ -126,6 +130,7 @@ impl OverlayFs {
         parent: &Arc<Node>,
         name: &OsStr,
         src: BorrowedFd<'_>,
+        data: Option<BorrowedFd<'_>>,
         how: CopyUp,
         st_ino: u64,
     ) -> io::Result<(Arc<OwnedFd>, bool)> {
@@ -151,7 +156,7 @@ impl OverlayFs {
             && st.st_size > 0;
         let tmp = self.tmp_name();
         let built = self
-            .build_copy(work, &tmp, src, &st, how, meta, st_ino)
+            .build_copy(work, &tmp, src, data.unwrap_or(src), &st, how, meta, st_ino)
             .and_then(|()| {
                 if !indexed {
                     return Ok(());
@@ -245,6 +250,7 @@ impl OverlayFs {
         work: BorrowedFd<'_>,
         tmp: &OsStr,
         src: BorrowedFd<'_>,
+        data: BorrowedFd<'_>,
         st: &sys::Stat,
         how: CopyUp,
         meta: bool,
@@ -273,7 +279,7 @@ impl OverlayFs {
                     sys::ftruncate(dst.as_fd(), st.st_size as u64)?;
                     sys::set_xattr(dst.as_fd(), self.style.metacopy_xattr(), b"", 0)?;
                 } else if how != CopyUp::Truncate && st.st_size > 0 {
-                    let input = sys::reopen(src, libc::O_RDONLY)?;
+                    let input = sys::reopen(data, libc::O_RDONLY)?;
                     copy_data(input.as_fd(), dst.as_fd(), st.st_size)?;
                 }
                 dst

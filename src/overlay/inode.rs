@@ -86,11 +86,15 @@ impl NodeState {
 
     /// Where the data of a file is: below for a metacopy file, else the topmost object.
     pub fn data(&self) -> Option<&Arc<OwnedFd>> {
-        if self.metacopy {
-            self.lowers.first().map(|l| &l.fd)
-        } else {
-            self.top()
+        if let Some(up) = &self.upper
+            && !self.metacopy
+        {
+            return Some(up);
         }
+        if let Some(ix) = &self.index {
+            return Some(ix);
+        }
+        self.lowers.iter().find(|l| !l.metacopy).map(|l| &l.fd)
     }
 
     /// Does a lower layer hold this object (so removing it needs a whiteout)?

@@ -67,6 +67,8 @@ pub struct LowerObj {
     pub fd: Arc<OwnedFd>,
     /// For directories: holds xattr whiteouts (`overlay.opaque=x`).
     pub xwhiteouts: bool,
+    /// A metacopy file: its data is in the next lower object.
+    pub metacopy: bool,
 }
 
 /// The merged filesystem.
@@ -260,6 +262,7 @@ impl OverlayFs {
                     layer: i,
                     fd: Arc::new(fd),
                     xwhiteouts,
+                    metacopy: false,
                 })
             })
             .collect::<io::Result<_>>()?;
@@ -509,23 +512,40 @@ impl OverlayFs {
                 Probe::Whiteout => break,
                 Probe::Missing => continue,
                 Probe::Found(fd, st) => {
-                    let have_dir =
-                        (found.upper.is_some() && !found.metacopy) || !found.lowers.is_empty();
-                    if found.metacopy && is_dir(&st) {
+                    // A metacopy file above (upper or lower) still needs its data from here.
+                    let need_data =
+                        found.metacopy || found.lowers.last().is_some_and(|(l, _)| l.metacopy);
+                    let first = found.upper.is_none() && found.lowers.is_empty();
+                    if need_data && is_dir(&st) {
                         break; // no data below a metacopy file: reads fail with EIO
                     }
                     if !is_dir(&st) {
-                        if !have_dir {
-                            found.lowers.push((
-                                LowerObj {
-                                    layer: li,
-                                    fd: Arc::new(fd),
-                                    xwhiteouts: false,
-                                },
-                                st,
-                            ));
+                        if !(first || need_data) {
+                            break; // a non-directory below a directory hides nothing
                         }
-                        break;
+                        // A metacopy file in a lower layer (an upper that became a lower)
+                        // has its data further down, like one in the upper layer.
+                        let marks = if li < last && st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                            layer::marks(fd.as_fd(), false)?
+                        } else {
+                            layer::Marks::default()
+                        };
+                        found.lowers.push((
+                            LowerObj {
+                                layer: li,
+                                fd: Arc::new(fd),
+                                xwhiteouts: false,
+                                metacopy: marks.metacopy,
+                            },
+                            st,
+                        ));
+                        if !marks.metacopy {
+                            break;
+                        }
+                        if let Some(r) = marks.redirect {
+                            target = Target::parse(&r)?;
+                        }
+                        continue;
                     }
                     // Markers in the bottom layer hide nothing: skip reading them.
                     let marks = if li < last {
@@ -538,6 +558,7 @@ impl OverlayFs {
                             layer: li,
                             fd: Arc::new(fd),
                             xwhiteouts: marks.xwhiteouts,
+                            metacopy: false,
                         },
                         st,
                     ));

@@ -786,8 +786,10 @@ impl OverlayFs {
             return Ok(fd.clone());
         }
         let (lower, _) = &found.lowers[0];
+        let data = found.lowers.iter().find(|(l, _)| !l.metacopy);
+        let data = data.map(|(l, _)| l.fd.as_fd());
         Ok(self
-            .copy_up_obj(parent, name, lower.fd.as_fd(), CopyUp::Data, st_ino)?
+            .copy_up_obj(parent, name, lower.fd.as_fd(), data, CopyUp::Data, st_ino)?
             .0)
     }
 
