@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stratafs::storage::layers::apply::{apply_layer, ApplyOptions};
+use stratafs::storage::layers::apply::{ApplyOptions, apply_layer};
 use stratafs::storage::layers::digest;
 use stratafs::storage::layers::image::{ImageStore, Quiet};
 use stratafs::storage::layers::{Backend, Error, LayerStore};
@@ -85,7 +85,13 @@ impl TarBuf {
         h
     }
     /// Sets the name bytes directly (no sanitizing by the tar crate).
-    fn raw(&mut self, mut h: tar::Header, name: &str, link: Option<&str>, data: &[u8]) -> &mut Self {
+    fn raw(
+        &mut self,
+        mut h: tar::Header,
+        name: &str,
+        link: Option<&str>,
+        data: &[u8],
+    ) -> &mut Self {
         {
             let gnu = h.as_gnu_mut().unwrap();
             gnu.name = [0; 100];
@@ -100,7 +106,12 @@ impl TarBuf {
         self
     }
     fn dir(&mut self, name: &str, mode: u32) -> &mut Self {
-        self.raw(Self::header(tar::EntryType::Directory, mode, 0), name, None, &[])
+        self.raw(
+            Self::header(tar::EntryType::Directory, mode, 0),
+            name,
+            None,
+            &[],
+        )
     }
     fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Self {
         self.raw(
@@ -111,10 +122,20 @@ impl TarBuf {
         )
     }
     fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(Self::header(tar::EntryType::Symlink, 0o777, 0), name, Some(target), &[])
+        self.raw(
+            Self::header(tar::EntryType::Symlink, 0o777, 0),
+            name,
+            Some(target),
+            &[],
+        )
     }
     fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(Self::header(tar::EntryType::Link, 0o644, 0), name, Some(target), &[])
+        self.raw(
+            Self::header(tar::EntryType::Link, 0o644, 0),
+            name,
+            Some(target),
+            &[],
+        )
     }
     fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
         let mut data = Vec::new();
@@ -151,7 +172,10 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-    let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     names.sort();
     for p in names {
         let md = fs::symlink_metadata(&p).unwrap();
@@ -208,7 +232,10 @@ fn top_tar() -> Vec<u8> {
         .dir("opq/", 0o751)
         .file("opq/new", 0o644, b"new\n")
         .file("etc/.wh.gone", 0o644, b"")
-        .pax(&[("SCHILY.xattr.user.color", b"blue"), ("mtime", b"1700000000.25")])
+        .pax(&[
+            ("SCHILY.xattr.user.color", b"blue"),
+            ("mtime", b"1700000000.25"),
+        ])
         .file("etc/hello", 0o640, b"hello again\n")
         .file("added", 0o644, b"added\n");
     t.done()
@@ -227,15 +254,25 @@ fn apply_whiteouts_opaque_xattrs_links_modes() {
     apply_ok(&t.path().join("top"), &top_tar());
     let top = t.path().join("top");
     let st = fs::symlink_metadata(top.join("etc/gone")).unwrap();
-    assert!(st.file_type().is_char_device() && st.rdev() == 0, "whiteout is char 0/0");
+    assert!(
+        st.file_type().is_char_device() && st.rdev() == 0,
+        "whiteout is char 0/0"
+    );
     assert_eq!(
-        xattr::get(top.join("opq"), "trusted.overlay.opaque").unwrap().as_deref(),
+        xattr::get(top.join("opq"), "trusted.overlay.opaque")
+            .unwrap()
+            .as_deref(),
         Some(&b"y"[..])
     );
     assert!(!top.join("opq/.wh..wh..opq").exists());
-    assert_eq!(fs::metadata(top.join("opq")).unwrap().mode() & 0o7777, 0o751);
     assert_eq!(
-        xattr::get(top.join("etc/hello"), "user.color").unwrap().as_deref(),
+        fs::metadata(top.join("opq")).unwrap().mode() & 0o7777,
+        0o751
+    );
+    assert_eq!(
+        xattr::get(top.join("etc/hello"), "user.color")
+            .unwrap()
+            .as_deref(),
         Some(&b"blue"[..])
     );
     let h = fs::metadata(top.join("etc/hello")).unwrap();
@@ -245,9 +282,18 @@ fn apply_whiteouts_opaque_xattrs_links_modes() {
     assert_eq!(tool.mode() & 0o7777, 0o4755);
     assert_eq!(tool.nlink(), 2);
     assert_eq!(tool.ino(), fs::metadata(d.join("bin/tool2")).unwrap().ino());
-    assert_eq!(fs::read_link(d.join("bin/abs")).unwrap(), Path::new("/etc/passwd"));
-    assert_eq!(fs::metadata(d.join("etc/sub")).unwrap().mode() & 0o777, 0o700);
-    assert_eq!(fs::metadata(d.join("etc/sub")).unwrap().mtime(), 1_600_000_000);
+    assert_eq!(
+        fs::read_link(d.join("bin/abs")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(
+        fs::metadata(d.join("etc/sub")).unwrap().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        fs::metadata(d.join("etc/sub")).unwrap().mtime(),
+        1_600_000_000
+    );
 }
 
 #[test]
@@ -275,8 +321,18 @@ fn apply_devices_fifos_owners_and_compression() {
         let null = fs::symlink_metadata(d.join("dev/null")).unwrap();
         assert!(null.file_type().is_char_device());
         assert_eq!(null.rdev(), libc::makedev(1, 3));
-        assert!(fs::symlink_metadata(d.join("dev/loop9")).unwrap().file_type().is_block_device());
-        assert!(fs::symlink_metadata(d.join("fifo")).unwrap().file_type().is_fifo());
+        assert!(
+            fs::symlink_metadata(d.join("dev/loop9"))
+                .unwrap()
+                .file_type()
+                .is_block_device()
+        );
+        assert!(
+            fs::symlink_metadata(d.join("fifo"))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
         let o = fs::metadata(d.join("owned")).unwrap();
         assert_eq!((o.uid(), o.gid(), o.size()), (1234, 4321, 3));
     }
@@ -293,7 +349,11 @@ fn unprivileged_apply_writes_wh_files_and_refuses_devices() {
     let d = t.path().join("d");
     fs::create_dir(&d).unwrap();
     apply_layer(&d, &top_tar()[..], &opts).unwrap();
-    assert!(fs::symlink_metadata(d.join("etc/.wh.gone")).unwrap().is_file());
+    assert!(
+        fs::symlink_metadata(d.join("etc/.wh.gone"))
+            .unwrap()
+            .is_file()
+    );
     let d2 = t.path().join("d2");
     fs::create_dir(&d2).unwrap();
     let mut tb = TarBuf::new();
@@ -394,30 +454,57 @@ fn hostile_archives_are_refused() {
             "{what}: unexpected error kind {err:?}"
         );
         assert!(!s.exists(&id), "{what}: layer left behind");
-        assert!(!s.root().join(&id).exists(), "{what}: directory left behind");
-        assert_eq!(fs::read(&victim).unwrap(), b"original", "{what}: wrote outside");
-        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{what}: created outside");
-        assert_eq!(fs::read_dir(s.root().join(".tmp")).unwrap().count(), 0, "{what}: scratch left");
+        assert!(
+            !s.root().join(&id).exists(),
+            "{what}: directory left behind"
+        );
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"original",
+            "{what}: wrote outside"
+        );
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            1,
+            "{what}: created outside"
+        );
+        assert_eq!(
+            fs::read_dir(s.root().join(".tmp")).unwrap().count(),
+            0,
+            "{what}: scratch left"
+        );
     }
     // Device nodes in an unprivileged apply.
     let mut unpriv = store(t.path(), Backend::Stratafs);
     unpriv.apply.allow_devices = false;
-    let err = unpriv.create_from_tar("hdev", None, &unpriv_dev[..], None).unwrap_err();
+    let err = unpriv
+        .create_from_tar("hdev", None, &unpriv_dev[..], None)
+        .unwrap_err();
     assert!(matches!(err, Error::Hostile { .. }), "{err}");
     assert!(!unpriv.exists("hdev"));
 
     // A symlink pointing outside is fine to create, as data.
     let mut tb = TarBuf::new();
     tb.symlink("esc", &out).symlink("up", "../../../x");
-    s.create_from_tar("fine", None, &tb.done()[..], None).unwrap();
-    assert_eq!(fs::read_link(s.root().join("fine/diff/esc")).unwrap(), outside);
+    s.create_from_tar("fine", None, &tb.done()[..], None)
+        .unwrap();
+    assert_eq!(
+        fs::read_link(s.root().join("fine/diff/esc")).unwrap(),
+        outside
+    );
     // A failed apply-diff leaves the layer empty and usable.
     s.create("empty", None, false).unwrap();
     assert!(s.apply_diff("empty", &cases[2].1[..]).is_err());
-    assert_eq!(fs::read_dir(s.root().join("empty/diff")).unwrap().count(), 0);
+    assert_eq!(
+        fs::read_dir(s.root().join("empty/diff")).unwrap().count(),
+        0
+    );
     let stats = s.apply_diff("empty", &base_tar()[..]).unwrap();
     assert!(stats.size > 0);
-    assert!(matches!(s.apply_diff("empty", &base_tar()[..]), Err(Error::NotEmpty(_))));
+    assert!(matches!(
+        s.apply_diff("empty", &base_tar()[..]),
+        Err(Error::NotEmpty(_))
+    ));
 }
 
 #[test]
@@ -430,7 +517,11 @@ fn store_layout_depth_and_cleanup() {
     let root = s.root().to_path_buf();
     let lid = |id: &str| fs::read_to_string(root.join(id).join("link")).unwrap();
     assert_eq!(lid("a").len(), 26);
-    assert!(lid("a").bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)));
+    assert!(
+        lid("a")
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+    );
     assert_eq!(
         fs::read_link(root.join("l").join(lid("a"))).unwrap(),
         Path::new("../a/diff")
@@ -443,16 +534,25 @@ fn store_layout_depth_and_cleanup() {
     assert!(root.join("a/committed").exists() && root.join("b/committed").exists());
     assert!(!root.join("c/committed").exists());
     let mode = |p: &str| fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o7777;
-    assert_eq!((mode("c"), mode("c/diff"), mode("c/work"), mode("l")), (0o710, 0o755, 0o700, 0o700));
+    assert_eq!(
+        (mode("c"), mode("c/diff"), mode("c/work"), mode("l")),
+        (0o710, 0o755, 0o700, 0o700)
+    );
     assert!(matches!(s.create("a", None, false), Err(Error::Exists(_))));
-    assert!(matches!(s.create("../x", None, false), Err(Error::InvalidId(_))));
+    assert!(matches!(
+        s.create("../x", None, false),
+        Err(Error::InvalidId(_))
+    ));
     assert!(matches!(s.remove("b"), Err(Error::InUse { .. })));
 
     // Depth: a chain of 5 is fine with max 5, the sixth is refused.
     s.set_max_depth(5).unwrap();
     s.create("d", Some("c"), false).unwrap();
     s.create("e", Some("d"), false).unwrap();
-    assert!(matches!(s.create("f", Some("e"), false), Err(Error::TooDeep { depth: 6, max: 5 })));
+    assert!(matches!(
+        s.create("f", Some("e"), false),
+        Err(Error::TooDeep { depth: 6, max: 5 })
+    ));
     assert!(s.set_max_depth(501).is_err());
 
     // Orphans: a half-built layer, a dangling short link, a lost short link.
@@ -477,20 +577,29 @@ fn mounts_changes_and_diff_round_trip_on_both_backends() {
     for backend in BACKENDS {
         let t = tempfile::tempdir().unwrap();
         let s = store(t.path(), backend);
-        s.create_from_tar("base", None, &base_tar()[..], None).unwrap();
-        s.create_from_tar("top", Some("base"), &top_tar()[..], None).unwrap();
+        s.create_from_tar("base", None, &base_tar()[..], None)
+            .unwrap();
+        s.create_from_tar("top", Some("base"), &top_tar()[..], None)
+            .unwrap();
         s.create("ctr", Some("top"), true).unwrap();
         {
             let ro = Got::new(&s, "top");
             let m = &ro.path;
-            assert_eq!(fs::read(m.join("etc/hello")).unwrap(), b"hello again\n", "{backend:?}");
+            assert_eq!(
+                fs::read(m.join("etc/hello")).unwrap(),
+                b"hello again\n",
+                "{backend:?}"
+            );
             assert!(!m.join("etc/gone").exists(), "{backend:?}: whiteout");
             assert!(!m.join("opq/old").exists(), "{backend:?}: opaque");
             assert!(m.join("opq/new").exists());
             assert_eq!(fs::read(m.join("etc/sub/deep")).unwrap(), b"deep\n");
-            assert!(fs::write(m.join("x"), b"x").is_err(), "{backend:?}: read-only layer");
+            assert!(
+                fs::write(m.join("x"), b"x").is_err(),
+                "{backend:?}: read-only layer"
+            );
         }
-        let merged_before;
+        
         {
             let g1 = Got::new(&s, "ctr");
             let g2 = Got::new(&s, "ctr");
@@ -506,16 +615,24 @@ fn mounts_changes_and_diff_round_trip_on_both_backends() {
             fs::write(m.join("opq/again"), b"again").unwrap();
             fs::set_permissions(m.join("bin"), fs::Permissions::from_mode(0o750)).unwrap();
             // mv: an O(1) redirect on stratafs, a copy where the kernel says EXDEV.
-            sh(Command::new("mv").arg(m.join("etc/sub")).arg(m.join("etc/moved")));
+            sh(Command::new("mv")
+                .arg(m.join("etc/sub"))
+                .arg(m.join("etc/moved")));
             drop(g2);
             assert!(stratafs::storage::layers::store::is_mountpoint(m));
         }
-        assert!(!s.root().join("ctr/merged").exists(), "{backend:?}: unmounted at zero");
+        assert!(
+            !s.root().join("ctr/merged").exists(),
+            "{backend:?}: unmounted at zero"
+        );
         // What the layer holds, from a fresh mount (a live stratafs view can differ for hard
         // links below: see docs/layers.md, "Known problems").
-        merged_before = tree(&Got::new(&s, "ctr").path);
+        let merged_before = tree(&Got::new(&s, "ctr").path);
         assert!(merged_before["bin"].contains("mode=750"));
-        assert!(merged_before["etc/moved/deep"].contains("file"), "{backend:?}: renamed dir kept its content");
+        assert!(
+            merged_before["etc/moved/deep"].contains("file"),
+            "{backend:?}: renamed dir kept its content"
+        );
         assert!(matches!(s.put("ctr"), Err(Error::NotMounted(_))));
         let ch: Vec<String> = s
             .changes("ctr")
@@ -523,8 +640,21 @@ fn mounts_changes_and_diff_round_trip_on_both_backends() {
             .iter()
             .map(|c| format!("{} {}", c.kind.letter(), c.path.display()))
             .collect();
-        for want in ["C /etc/hello", "A /newdir", "A /newdir/f", "C /opq", "A /opq/again", "D /etc/sub", "A /etc/moved", "C /bin", "D /added"] {
-            assert!(ch.contains(&want.to_string()), "{backend:?}: {want} missing in {ch:?}");
+        for want in [
+            "C /etc/hello",
+            "A /newdir",
+            "A /newdir/f",
+            "C /opq",
+            "A /opq/again",
+            "D /etc/sub",
+            "A /etc/moved",
+            "C /bin",
+            "D /added",
+        ] {
+            assert!(
+                ch.contains(&want.to_string()),
+                "{backend:?}: {want} missing in {ch:?}"
+            );
         }
         assert!(s.diff_size("ctr").unwrap() > 0);
 
@@ -534,7 +664,11 @@ fn mounts_changes_and_diff_round_trip_on_both_backends() {
         s.create_from_tar("again", Some("top"), &tarbytes[..], Some(&stats.diff_id))
             .unwrap();
         let g = Got::new(&s, "again");
-        assert_eq!(tree(&g.path), merged_before, "{backend:?}: re-applied diff differs");
+        assert_eq!(
+            tree(&g.path),
+            merged_before,
+            "{backend:?}: re-applied diff differs"
+        );
         drop(g);
         // Opaque marker ordering: right after its directory.
         let names: Vec<String> = tar::Archive::new(&tarbytes[..])
@@ -577,7 +711,11 @@ fn fixture_layers() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     add(&mut old, "bbbb/layer.tar", &l1);
     let man = serde_json::json!([{ "Config": format!("{}.json", hex(&cfg_d)),
         "RepoTags": ["fixture/old:1"], "Layers": ["aaaa/layer.tar", "bbbb/layer.tar"] }]);
-    add(&mut old, "manifest.json", &serde_json::to_vec(&man).unwrap());
+    add(
+        &mut old,
+        "manifest.json",
+        &serde_json::to_vec(&man).unwrap(),
+    );
     // OCI layout, second layer gzip.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&l1).unwrap();
@@ -599,7 +737,12 @@ fn fixture_layers() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let mut oci = tar::Builder::new(Vec::new());
     add(&mut oci, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     add(&mut oci, "index.json", &index);
-    for (d, data) in [(&cfg_d, &cfg), (&man_d, &manifest), (&ids[0], &l0), (&l1gz_d, &l1gz)] {
+    for (d, data) in [
+        (&cfg_d, &cfg),
+        (&man_d, &manifest),
+        (&ids[0], &l0),
+        (&l1gz_d, &l1gz),
+    ] {
         add(&mut oci, &format!("blobs/sha256/{}", hex(d)), data);
     }
     // The same OCI layout with a corrupted layer blob.
@@ -608,7 +751,12 @@ fn fixture_layers() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     add(&mut bad, "index.json", &index);
     let mut l0bad = l0.clone();
     l0bad[1024] ^= 1; // data of etc/hello: a valid tar, another DiffID
-    for (d, data) in [(&cfg_d, &cfg), (&man_d, &manifest), (&ids[0], &l0bad), (&l1gz_d, &l1gz)] {
+    for (d, data) in [
+        (&cfg_d, &cfg),
+        (&man_d, &manifest),
+        (&ids[0], &l0bad),
+        (&l1gz_d, &l1gz),
+    ] {
         add(&mut bad, &format!("blobs/sha256/{}", hex(d)), data);
     }
     (
@@ -628,11 +776,20 @@ fn images_import_share_mount_commit_export_rm() {
     for backend in BACKENDS {
         let root = t.path().join(format!("{backend:?}"));
         let images = ImageStore::new(store(&root, backend)).unwrap();
-        let err = images.import(&t.path().join("bad.tar"), None, &mut Quiet).unwrap_err();
+        let err = images
+            .import(&t.path().join("bad.tar"), None, &mut Quiet)
+            .unwrap_err();
         assert!(matches!(err, Error::Digest { .. }), "{err}");
-        assert!(images.layers.list().unwrap().is_empty(), "nothing kept from a bad import");
-        let a = images.import(&t.path().join("old.tar"), None, &mut Quiet).unwrap();
-        let b = images.import(&t.path().join("oci.tar"), None, &mut Quiet).unwrap();
+        assert!(
+            images.layers.list().unwrap().is_empty(),
+            "nothing kept from a bad import"
+        );
+        let a = images
+            .import(&t.path().join("old.tar"), None, &mut Quiet)
+            .unwrap();
+        let b = images
+            .import(&t.path().join("oci.tar"), None, &mut Quiet)
+            .unwrap();
         assert_eq!(a.id, b.id, "same config");
         assert_eq!(images.layers.list().unwrap().len(), 2, "layers stored once");
         let rec = images.find("fixture/oci:2").unwrap();
@@ -644,7 +801,10 @@ fn images_import_share_mount_commit_export_rm() {
         let committed;
         {
             images.mount("fixture/old:1", &mnt, false).unwrap();
-            let _g = ImageMount { images: &images, mnt: mnt.clone() };
+            let _g = ImageMount {
+                images: &images,
+                mnt: mnt.clone(),
+            };
             assert_eq!(fs::read(mnt.join("etc/hello")).unwrap(), b"hello again\n");
             assert!(!mnt.join("etc/gone").exists());
             fs::write(mnt.join("etc/motd"), b"committed\n").unwrap();
@@ -655,8 +815,13 @@ fn images_import_share_mount_commit_export_rm() {
         assert_eq!(committed.diff_ids.len(), 3);
         assert_eq!(committed.diff_ids[..2], rec.diff_ids[..]);
         {
-            images.mount("fixture/committed:latest", &mnt, true).unwrap();
-            let _g = ImageMount { images: &images, mnt: mnt.clone() };
+            images
+                .mount("fixture/committed:latest", &mnt, true)
+                .unwrap();
+            let _g = ImageMount {
+                images: &images,
+                mnt: mnt.clone(),
+            };
             assert_eq!(fs::read(mnt.join("etc/motd")).unwrap(), b"committed\n");
             assert!(!mnt.join("bin/tool2").exists());
             assert!(fs::write(mnt.join("x"), b"x").is_err(), "--readonly");
@@ -664,24 +829,42 @@ fn images_import_share_mount_commit_export_rm() {
         // Export and re-import into a fresh store: the same rootfs.
         let exported = t.path().join(format!("export-{backend:?}.tar"));
         images.export("fixture/committed", &exported).unwrap();
-        let images2 = ImageStore::new(store(&t.path().join(format!("{backend:?}-2")), backend)).unwrap();
+        let images2 =
+            ImageStore::new(store(&t.path().join(format!("{backend:?}-2")), backend)).unwrap();
         let back = images2.import(&exported, None, &mut Quiet).unwrap();
         assert_eq!(back.names, vec!["fixture/committed:latest".to_string()]);
         let mnt2 = t.path().join(format!("mnt2-{backend:?}"));
         fs::create_dir(&mnt2).unwrap();
         {
             images.mount("fixture/committed", &mnt, true).unwrap();
-            let _g = ImageMount { images: &images, mnt: mnt.clone() };
+            let _g = ImageMount {
+                images: &images,
+                mnt: mnt.clone(),
+            };
             images2.mount("fixture/committed", &mnt2, true).unwrap();
-            let _g2 = ImageMount { images: &images2, mnt: mnt2.clone() };
-            assert_eq!(tree(&mnt), tree(&mnt2), "{backend:?}: export/import changed the tree");
+            let _g2 = ImageMount {
+                images: &images2,
+                mnt: mnt2.clone(),
+            };
+            assert_eq!(
+                tree(&mnt),
+                tree(&mnt2),
+                "{backend:?}: export/import changed the tree"
+            );
         }
         // rm keeps shared layers.
         images.remove("fixture/old:1").unwrap();
-        assert_eq!(images.layers.list().unwrap().len(), 3, "committed image still uses them");
+        assert_eq!(
+            images.layers.list().unwrap().len(),
+            3,
+            "committed image still uses them"
+        );
         images.remove("fixture/committed").unwrap();
         assert!(images.layers.list().unwrap().is_empty());
-        assert!(matches!(images.find("fixture/committed"), Err(Error::ImageNotFound(_))));
+        assert!(matches!(
+            images.find("fixture/committed"),
+            Err(Error::ImageNotFound(_))
+        ));
     }
 }
 
@@ -695,7 +878,11 @@ fn podman() -> Option<PathBuf> {
 
 fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -711,28 +898,48 @@ fn podman_archives_match_podman_rootfs() {
     apply_ok(&rootfs, &base_tar());
     fs::write(rootfs.join("etc/extra"), b"x".repeat(100_000)).unwrap();
     let rt = t.path().join("rootfs.tar");
-    sh(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&rt).arg("."));
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&rt)
+        .arg("."));
     let tag = format!("localhost/stratafs-test-{}:1", std::process::id());
     sh(Command::new(&podman).arg("import").arg(&rt).arg(&tag));
     let cleanup = scopeguard(|| {
-        let _ = Command::new("podman").args(["image", "unmount", "-a"]).output();
-        let _ = Command::new("podman").args(["rmi", "-f"]).arg(&tag).output();
+        let _ = Command::new("podman")
+            .args(["image", "unmount", "-a"])
+            .output();
+        let _ = Command::new("podman")
+            .args(["rmi", "-f"])
+            .arg(&tag)
+            .output();
     });
     let dock = t.path().join("docker.tar");
     let oci = t.path().join("oci.tar");
-    sh(Command::new(&podman).args(["save", "--format", "docker-archive", "-o"]).arg(&dock).arg(&tag));
-    sh(Command::new(&podman).args(["save", "--format", "oci-archive", "-o"]).arg(&oci).arg(&tag));
+    sh(Command::new(&podman)
+        .args(["save", "--format", "docker-archive", "-o"])
+        .arg(&dock)
+        .arg(&tag));
+    sh(Command::new(&podman)
+        .args(["save", "--format", "oci-archive", "-o"])
+        .arg(&oci)
+        .arg(&tag));
     let pmnt = PathBuf::from(sh(Command::new(&podman).args(["image", "mount"]).arg(&tag)).trim());
     let want = tree(&pmnt);
     assert!(want.contains_key("etc/extra"));
     for backend in BACKENDS {
-        let images = ImageStore::new(store(&t.path().join(format!("{backend:?}")), backend)).unwrap();
+        let images =
+            ImageStore::new(store(&t.path().join(format!("{backend:?}")), backend)).unwrap();
         for archive in [&dock, &oci] {
             let rec = images.import(archive, None, &mut Quiet).unwrap();
             let mnt = t.path().join("mnt");
             fs::create_dir_all(&mnt).unwrap();
             images.mount(&rec.id, &mnt, true).unwrap();
-            let _g = ImageMount { images: &images, mnt: mnt.clone() };
+            let _g = ImageMount {
+                images: &images,
+                mnt: mnt.clone(),
+            };
             let got = tree(&mnt);
             assert_eq!(got, want, "{backend:?} {}", archive.display());
         }
@@ -763,7 +970,10 @@ fn cli_layers_and_image() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     fs::write(t.path().join("base.tar"), base_tar()).unwrap();
     let base = t.path().join("base.tar").display().to_string();
@@ -797,7 +1007,12 @@ fn cli_layers_and_image() {
         .spawn()
         .unwrap();
     let mut tarbytes = Vec::new();
-    child.stdout.take().unwrap().read_to_end(&mut tarbytes).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut tarbytes)
+        .unwrap();
     assert!(child.wait().unwrap().success());
     let names: Vec<String> = tar::Archive::new(&tarbytes[..])
         .entries()
@@ -816,7 +1031,11 @@ fn cli_layers_and_image() {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     img(&["import", &t.path().join("old.tar").display().to_string()]);

@@ -105,7 +105,9 @@ enum Seen {
     /// Any other object; `true` for a hard-linkable one (not a directory or whiteout).
     Object,
     /// A whiteout (device or `.wh.` file) hiding the lower object of that name.
-    Whiteout { device: bool },
+    Whiteout {
+        device: bool,
+    },
 }
 
 const OPAQUE: &[u8] = b".wh..wh..opq";
@@ -251,7 +253,8 @@ impl<'a> Applier<'a> {
             if !kind.is_dir() {
                 return Err(Error::hostile(&raw, "the root is not a directory"));
             }
-            self.dirs.push((Vec::new(), meta.mode, meta.atime, meta.mtime));
+            self.dirs
+                .push((Vec::new(), meta.mode, meta.atime, meta.mtime));
             return Ok(());
         };
         if parents.iter().any(|c| c.starts_with(WH)) {
@@ -322,7 +325,8 @@ impl<'a> Applier<'a> {
                     sys::mkdirat(dirfd, lname, 0o700).ctx(|| format!("mkdir {}", what()))?;
                 }
                 self.finish(dirfd, lname, &meta, true, &raw)?;
-                self.dirs.push((key.clone(), meta.mode, meta.atime, meta.mtime));
+                self.dirs
+                    .push((key.clone(), meta.mode, meta.atime, meta.mtime));
                 self.seen.insert(key, Seen::Dir);
             }
             tar::EntryType::Symlink => {
@@ -400,7 +404,8 @@ impl<'a> Applier<'a> {
 
     fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, raw: &[u8]) -> Result<Meta> {
         let h = entry.header();
-        let bad = |what: &str| Error::Corrupt(format!("{}: bad {what}", String::from_utf8_lossy(raw)));
+        let bad =
+            |what: &str| Error::Corrupt(format!("{}: bad {what}", String::from_utf8_lossy(raw)));
         let mut m = Meta {
             mode: h.mode().map_err(|_| bad("mode"))? & 0o7777,
             uid: h.uid().map_err(|_| bad("uid"))? as u32,
@@ -552,7 +557,13 @@ impl<'a> Applier<'a> {
         Ok(cur)
     }
 
-    fn whiteout(&mut self, dir: BorrowedFd<'_>, victim: &[u8], vkey: Vec<u8>, raw: &[u8]) -> Result<()> {
+    fn whiteout(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        victim: &[u8],
+        vkey: Vec<u8>,
+        raw: &[u8],
+    ) -> Result<()> {
         match self.seen.get(&vkey) {
             // The same layer put something there: a marker only hides lower layers.
             Some(Seen::Object | Seen::Dir | Seen::Implicit) => return Ok(()),

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use super::image::{ImageStore, Progress};
-use super::store::{Backend, LayerStore, DEFAULT_ROOT};
+use super::store::{Backend, DEFAULT_ROOT, LayerStore};
 
 #[derive(Args, Debug)]
 struct Common {
@@ -81,7 +81,10 @@ enum LayersCmd {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "stratafs image", about = "OCI / docker images on the layer store")]
+#[command(
+    name = "stratafs image",
+    about = "OCI / docker images on the layer store"
+)]
 struct ImageCli {
     #[command(flatten)]
     common: Common,
@@ -184,7 +187,8 @@ fn layers(cli: LayersCli) -> Result<()> {
             if path.as_os_str() == "-" {
                 store.diff(&id, BufWriter::new(&mut out))?;
             } else {
-                let f = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+                let f =
+                    File::create(&path).with_context(|| format!("create {}", path.display()))?;
                 let (w, _) = store.diff(&id, BufWriter::new(f))?;
                 w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             }

@@ -13,8 +13,10 @@ pub fn sha256_str(bytes: &[u8]) -> String {
 /// The hex part of a `sha256:<hex>` digest, if it is one.
 pub fn hex_part(digest: &str) -> Option<&str> {
     let h = digest.strip_prefix("sha256:")?;
-    (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then_some(h)
+    (h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then_some(h)
 }
 
 /// ChainID as the image spec defines it: `ChainID(L0) = DiffID(L0)`,

@@ -144,7 +144,11 @@ fn probe(layer: &Path, rel: &Path) -> Below {
                 }
             }
             _ => {
-                if cur.join(marker::whiteout_name(name)).symlink_metadata().is_ok() {
+                if cur
+                    .join(marker::whiteout_name(name))
+                    .symlink_metadata()
+                    .is_ok()
+                {
                     return Below::Hidden;
                 }
                 return Below::Absent;
@@ -190,11 +194,10 @@ fn metacopy_data(lowers: &[PathBuf], rel: &Path, redirect: Option<&OsStr>) -> Re
         None => rel.to_path_buf(),
     };
     for l in lowers {
-        if let Some((p, md)) = lookup(l, &target) {
-            if md.is_file() {
+        if let Some((p, md)) = lookup(l, &target)
+            && md.is_file() {
                 return Ok(p);
             }
-        }
     }
     Err(Error::Invalid(format!(
         "metacopy file {} has no data below",
@@ -273,15 +276,14 @@ impl<W: Write> Exporter<W> {
                     };
                     let mut sources = vec![src.clone()];
                     for l in &self.lowers {
-                        if let Some((p, md)) = lookup(l, &from) {
-                            if md.is_dir() {
+                        if let Some((p, md)) = lookup(l, &from)
+                            && md.is_dir() {
                                 let opaque = marks(&p, true)?.opaque;
                                 sources.push(p);
                                 if opaque {
                                     break;
                                 }
                             }
-                        }
                     }
                     self.merged_dir(&sources, &r)?;
                 } else {
@@ -466,9 +468,12 @@ impl<W: Write> Exporter<W> {
         let mut name = b"PaxHeaders/".to_vec();
         let base = rel.file_name().map(|n| n.as_bytes()).unwrap_or(b"root");
         name.extend_from_slice(&base[..base.len().min(80)]);
-        h.set_path(OsStr::from_bytes(&name)).ctx(|| "PAX header".into())?;
+        h.set_path(OsStr::from_bytes(&name))
+            .ctx(|| "PAX header".into())?;
         h.set_cksum();
-        self.tar.append(&h, &data[..]).ctx(|| "write PAX header".into())
+        self.tar
+            .append(&h, &data[..])
+            .ctx(|| "write PAX header".into())
     }
 }
 
@@ -522,8 +527,8 @@ fn changes_in(dir: &Path, rel: &Path, lowers: &[PathBuf], out: &mut Vec<Change>)
     if opaque && !rel.as_os_str().is_empty() {
         // Everything the lowers had here and the layer does not is gone.
         for l in lowers {
-            if let Some((p, md)) = lookup(l, rel) {
-                if md.is_dir() {
+            if let Some((p, md)) = lookup(l, rel)
+                && md.is_dir() {
                     for name in sorted_names(&p)? {
                         if present.contains(&name) || name.as_bytes().starts_with(b".wh.") {
                             continue;
@@ -533,7 +538,6 @@ fn changes_in(dir: &Path, rel: &Path, lowers: &[PathBuf], out: &mut Vec<Change>)
                         present.insert(name);
                     }
                 }
-            }
         }
     }
     Ok(())
@@ -547,7 +551,9 @@ pub fn diff_size(diff: &Path) -> Result<u64> {
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).ctx(|| format!("read {}", d.display()))? {
             let e = e.ctx(|| format!("read {}", d.display()))?;
-            let md = e.metadata().ctx(|| format!("stat {}", e.path().display()))?;
+            let md = e
+                .metadata()
+                .ctx(|| format!("stat {}", e.path().display()))?;
             if md.is_dir() {
                 stack.push(e.path());
             } else if md.is_file() && seen.insert((md.dev(), md.ino())) {

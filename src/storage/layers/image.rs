@@ -233,13 +233,22 @@ fn plans_docker(src: &mut dyn Source) -> Result<Vec<Plan>> {
             .iter()
             .map(|l| {
                 l.as_str()
-                    .map(|s| (s.to_owned(), digest_in_name(s).filter(|_| s.starts_with("blobs/"))))
+                    .map(|s| {
+                        (
+                            s.to_owned(),
+                            digest_in_name(s).filter(|_| s.starts_with("blobs/")),
+                        )
+                    })
                     .ok_or_else(|| Error::BadImage("layer path is not a string".into()))
             })
             .collect::<Result<Vec<_>>>()?;
         let names = e["RepoTags"]
             .as_array()
-            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         out.push(Plan {
             config_digest: digest_in_name(&config),
@@ -274,7 +283,10 @@ fn plans_oci(src: &mut dyn Source) -> Result<Vec<Plan>> {
     while let Some((idx, names)) = stack.pop() {
         for desc in idx["manifests"].as_array().cloned().unwrap_or_default() {
             let mut names = names.clone();
-            for key in ["io.containerd.image.name", "org.opencontainers.image.ref.name"] {
+            for key in [
+                "io.containerd.image.name",
+                "org.opencontainers.image.ref.name",
+            ] {
                 if let Some(n) = desc["annotations"][key].as_str() {
                     names.push(n.to_owned());
                     break;
@@ -282,7 +294,8 @@ fn plans_oci(src: &mut dyn Source) -> Result<Vec<Plan>> {
             }
             let mt = desc["mediaType"].as_str().unwrap_or("");
             let body = json(&read_blob(src, &desc)?, "manifest")?;
-            if mt.contains("index") || mt.contains("manifest.list") || body["manifests"].is_array() {
+            if mt.contains("index") || mt.contains("manifest.list") || body["manifests"].is_array()
+            {
                 stack.push((body, names));
                 continue;
             }
@@ -440,15 +453,14 @@ impl ImageStore {
     ) -> Result<ImageRecord> {
         let config = src.read_small(&plan.config)?;
         let id = digest::sha256_str(&config);
-        if let Some(want) = &plan.config_digest {
-            if *want != id {
+        if let Some(want) = &plan.config_digest
+            && *want != id {
                 return Err(Error::Digest {
                     what: "image config".into(),
                     expected: want.clone(),
                     actual: id,
                 });
             }
-        }
         let cfg = json(&config, "image config")?;
         let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
             .as_array()
@@ -478,8 +490,12 @@ impl ImageStore {
                 progress.layer(i, total, &format!("{} applying", &lid[..12]));
                 let raw = src.open(path)?;
                 let mut hr = HashingReader::new(raw);
-                self.layers
-                    .create_from_tar(&lid, parent.as_deref(), &mut hr, Some(&diff_ids[i]))?;
+                self.layers.create_from_tar(
+                    &lid,
+                    parent.as_deref(),
+                    &mut hr,
+                    Some(&diff_ids[i]),
+                )?;
                 io::copy(&mut hr, &mut io::sink()).ctx(|| format!("read {path}"))?;
                 if let Some(want) = blob_digest {
                     let got = hr.digest();
@@ -687,14 +703,16 @@ impl ImageStore {
     /// A fresh container layer on the image, mounted at `mnt`; returns its layer id.
     pub fn mount(&self, name: &str, mnt: &Path, readonly: bool) -> Result<String> {
         let rec = self.find(name)?;
-        let top = rec
-            .layer_ids()
-            .last()
-            .cloned()
-            .ok_or_else(|| Error::Invalid("an image without layers cannot be mounted".into()))?;
+        let top =
+            rec.layer_ids().last().cloned().ok_or_else(|| {
+                Error::Invalid("an image without layers cannot be mounted".into())
+            })?;
         let mnt = fs::canonicalize(mnt).ctx(|| format!("mount point {}", mnt.display()))?;
         if self.container_at(&mnt).is_ok() {
-            return Err(Error::Invalid(format!("{} is already in use", mnt.display())));
+            return Err(Error::Invalid(format!(
+                "{} is already in use",
+                mnt.display()
+            )));
         }
         let mut rnd = [0u8; 8];
         File::open("/dev/urandom")
@@ -723,8 +741,12 @@ impl ImageStore {
         let c = self.container_at(mnt)?;
         self.layers.unmount_from(&c.layer)?;
         self.layers.remove(&c.layer)?;
-        fs::remove_file(self.dir.join("containers").join(format!("{}.json", c.layer)))
-            .ctx(|| "remove container record".into())
+        fs::remove_file(
+            self.dir
+                .join("containers")
+                .join(format!("{}.json", c.layer)),
+        )
+        .ctx(|| "remove container record".into())
     }
 
     /// The changes made at `mnt`, as a new image `name` (its image's layers plus one).
@@ -783,7 +805,6 @@ impl ImageStore {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,7 +812,10 @@ mod tests {
     #[test]
     fn names_get_latest() {
         assert_eq!(normalize_name("busybox"), "busybox:latest");
-        assert_eq!(normalize_name("localhost:5000/a"), "localhost:5000/a:latest");
+        assert_eq!(
+            normalize_name("localhost:5000/a"),
+            "localhost:5000/a:latest"
+        );
         assert_eq!(normalize_name("a:1"), "a:1");
     }
 

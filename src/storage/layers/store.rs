@@ -219,7 +219,10 @@ fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        if s[i] == b'\\' && i + 3 < s.len() + 0 && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if s[i] == b'\\'
+            && i + 3 < s.len()
+            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0'));
             i += 4;
         } else {
@@ -353,14 +356,14 @@ impl LayerStore {
     /// The diff directories of a layer's parents, topmost first.
     pub fn lower_dirs(&self, id: &str) -> Result<Vec<PathBuf>> {
         let lower = self.lower(id)?;
-        Ok(lower
+        lower
             .split(':')
             .filter(|s| !s.is_empty())
             .map(|s| {
                 let p = self.root.join(s);
                 fs::canonicalize(&p).ctx(|| format!("resolve {}", p.display()))
             })
-            .collect::<Result<_>>()?)
+            .collect::<Result<_>>()
     }
 
     /// Creates a read-only layer (`rw = false`) or a container layer on `parent`.
@@ -417,7 +420,10 @@ impl LayerStore {
                 })
             }
         };
-        let tmp = self.root.join(".tmp").join(format!("new-{id}-{}", random_suffix()));
+        let tmp = self
+            .root
+            .join(".tmp")
+            .join(format!("new-{id}-{}", random_suffix()));
         let built = (|| -> Result<Option<ApplyStats>> {
             mkdir(&tmp, 0o710)?;
             mkdir(&tmp.join("diff"), 0o755)?;
@@ -430,15 +436,14 @@ impl LayerStore {
             let stats = match input {
                 Some((r, expect)) => {
                     let stats = apply::apply_layer(&tmp.join("diff"), r, &self.apply)?;
-                    if let Some(want) = expect {
-                        if want != stats.diff_id {
+                    if let Some(want) = expect
+                        && want != stats.diff_id {
                             return Err(Error::Digest {
                                 what: format!("DiffID of layer {id}"),
                                 expected: want.to_owned(),
                                 actual: stats.diff_id,
                             });
                         }
-                    }
                     Some(stats)
                 }
                 None => None,
@@ -461,7 +466,9 @@ impl LayerStore {
             let rootfd = self.root_fd()?;
             if let Err(e) = sys::renameat2(
                 rootfd.as_fd(),
-                tmp.strip_prefix(&self.root).expect("under root").as_os_str(),
+                tmp.strip_prefix(&self.root)
+                    .expect("under root")
+                    .as_os_str(),
                 rootfd.as_fd(),
                 OsStr::new(id),
                 sys::RENAME_NOREPLACE,
@@ -531,11 +538,10 @@ impl LayerStore {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.root).ctx(|| format!("read {}", self.root.display()))? {
             let e = e.ctx(|| "read root".into())?;
-            if let Some(name) = e.file_name().to_str() {
-                if validate_id(name).is_ok() && self.exists(name) {
+            if let Some(name) = e.file_name().to_str()
+                && validate_id(name).is_ok() && self.exists(name) {
                     out.push(name.to_owned());
                 }
-            }
         }
         out.sort();
         Ok(out)
@@ -762,11 +768,7 @@ impl LayerStore {
     /// Writes the OCI tar of the layer's changes.
     pub fn diff<W: std::io::Write>(&self, id: &str, out: W) -> Result<(W, ExportStats)> {
         let _ = self.read_meta(id)?;
-        export::export_layer(
-            &self.layer_dir(id).join("diff"),
-            &self.lower_dirs(id)?,
-            out,
-        )
+        export::export_layer(&self.layer_dir(id).join("diff"), &self.lower_dirs(id)?, out)
     }
 
     /// A/C/D list against the parent chain.
@@ -843,7 +845,10 @@ impl LayerStore {
                 }
             }
             let mut meta = self.read_meta(&id)?;
-            let target = meta.mountpoint.clone().unwrap_or_else(|| dir.join("merged"));
+            let target = meta
+                .mountpoint
+                .clone()
+                .unwrap_or_else(|| dir.join("merged"));
             if meta.mounts > 0 && !is_mountpoint(&target) {
                 meta.mounts = 0;
                 meta.mounted_by = None;
@@ -851,7 +856,10 @@ impl LayerStore {
                 self.write_meta(&dir, &meta)?;
                 rep.stale_mounts.push(id.clone());
             }
-            if meta.mounts == 0 && dir.join("merged").is_dir() && !is_mountpoint(&dir.join("merged")) {
+            if meta.mounts == 0
+                && dir.join("merged").is_dir()
+                && !is_mountpoint(&dir.join("merged"))
+            {
                 let _ = fs::remove_dir(dir.join("merged"));
             }
         }
