@@ -599,7 +599,7 @@ fn mounts_changes_and_diff_round_trip_on_both_backends() {
                 "{backend:?}: read-only layer"
             );
         }
-        
+
         {
             let g1 = Got::new(&s, "ctr");
             let g2 = Got::new(&s, "ctr");

@@ -195,9 +195,10 @@ fn metacopy_data(lowers: &[PathBuf], rel: &Path, redirect: Option<&OsStr>) -> Re
     };
     for l in lowers {
         if let Some((p, md)) = lookup(l, &target)
-            && md.is_file() {
-                return Ok(p);
-            }
+            && md.is_file()
+        {
+            return Ok(p);
+        }
     }
     Err(Error::Invalid(format!(
         "metacopy file {} has no data below",
@@ -277,13 +278,14 @@ impl<W: Write> Exporter<W> {
                     let mut sources = vec![src.clone()];
                     for l in &self.lowers {
                         if let Some((p, md)) = lookup(l, &from)
-                            && md.is_dir() {
-                                let opaque = marks(&p, true)?.opaque;
-                                sources.push(p);
-                                if opaque {
-                                    break;
-                                }
+                            && md.is_dir()
+                        {
+                            let opaque = marks(&p, true)?.opaque;
+                            sources.push(p);
+                            if opaque {
+                                break;
                             }
+                        }
                     }
                     self.merged_dir(&sources, &r)?;
                 } else {
@@ -528,16 +530,17 @@ fn changes_in(dir: &Path, rel: &Path, lowers: &[PathBuf], out: &mut Vec<Change>)
         // Everything the lowers had here and the layer does not is gone.
         for l in lowers {
             if let Some((p, md)) = lookup(l, rel)
-                && md.is_dir() {
-                    for name in sorted_names(&p)? {
-                        if present.contains(&name) || name.as_bytes().starts_with(b".wh.") {
-                            continue;
-                        }
-                        let r = rel.join(&name);
-                        push(out, &r, ChangeKind::Deleted);
-                        present.insert(name);
+                && md.is_dir()
+            {
+                for name in sorted_names(&p)? {
+                    if present.contains(&name) || name.as_bytes().starts_with(b".wh.") {
+                        continue;
                     }
+                    let r = rel.join(&name);
+                    push(out, &r, ChangeKind::Deleted);
+                    present.insert(name);
                 }
+            }
         }
     }
     Ok(())

@@ -454,13 +454,14 @@ impl ImageStore {
         let config = src.read_small(&plan.config)?;
         let id = digest::sha256_str(&config);
         if let Some(want) = &plan.config_digest
-            && *want != id {
-                return Err(Error::Digest {
-                    what: "image config".into(),
-                    expected: want.clone(),
-                    actual: id,
-                });
-            }
+            && *want != id
+        {
+            return Err(Error::Digest {
+                what: "image config".into(),
+                expected: want.clone(),
+                actual: id,
+            });
+        }
         let cfg = json(&config, "image config")?;
         let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
             .as_array()

@@ -437,13 +437,14 @@ impl LayerStore {
                 Some((r, expect)) => {
                     let stats = apply::apply_layer(&tmp.join("diff"), r, &self.apply)?;
                     if let Some(want) = expect
-                        && want != stats.diff_id {
-                            return Err(Error::Digest {
-                                what: format!("DiffID of layer {id}"),
-                                expected: want.to_owned(),
-                                actual: stats.diff_id,
-                            });
-                        }
+                        && want != stats.diff_id
+                    {
+                        return Err(Error::Digest {
+                            what: format!("DiffID of layer {id}"),
+                            expected: want.to_owned(),
+                            actual: stats.diff_id,
+                        });
+                    }
                     Some(stats)
                 }
                 None => None,
@@ -539,9 +540,11 @@ impl LayerStore {
         for e in fs::read_dir(&self.root).ctx(|| format!("read {}", self.root.display()))? {
             let e = e.ctx(|| "read root".into())?;
             if let Some(name) = e.file_name().to_str()
-                && validate_id(name).is_ok() && self.exists(name) {
-                    out.push(name.to_owned());
-                }
+                && validate_id(name).is_ok()
+                && self.exists(name)
+            {
+                out.push(name.to_owned());
+            }
         }
         out.sort();
         Ok(out)
