@@ -1,0 +1,630 @@
+//! Differential tests: the same fixture and the same operations on kernel overlayfs (the
+//! oracle) and on stratafs; every result, the merged trees, the upper layers left behind, and
+//! a kernel mount of the stratafs upper layer must all agree.
+//!
+//! What is compared and why:
+//! - each operation's result (Ok with its value, or the errno);
+//! - merged trees: type, mode, owner, size, content, link target, xattrs (all of them: no
+//!   marker may leak), nlink, rdev and hard-link groups. Not st_ino (two fixtures have
+//!   different inode numbers) and not atime/ctime (they record when the test ran). mtime is
+//!   compared for every path no operation stamped with "now" (`Dirty`): the fixtures give
+//!   every entry a fixed, per-path time, so copy-up must carry times over exactly, and
+//!   utimensat sets explicit times that are compared as well;
+//! - upper layers after unmount, with whiteouts normalized (char 0/0) and bookkeeping xattrs
+//!   dropped (`trusted.stratafs.*`, `trusted.overlay.*` except `opaque`);
+//! - the stratafs upper (with its lowers) mounted by the kernel, against the kernel's own
+//!   merged tree: the on-disk format must be the kernel's.
+
+use crate::util::mount::Layers;
+use crate::util::ops::{self, Op, Outcome};
+use crate::util::sys::{RENAME_EXCHANGE, RENAME_NOREPLACE};
+use crate::util::tree::{self, Cmp, Dirty, Snap, Tree};
+use crate::util::{Fixture, Mount};
+
+/// Mount options for one comparison.
+pub struct Profile {
+    pub name: &'static str,
+    pub kernel_opts: &'static str,
+    pub stratafs_opts: &'static str,
+    /// Options for the kernel mount of the stratafs upper; `None` skips that check.
+    pub cross_opts: Option<&'static str>,
+}
+
+/// The kernel's defaults on most distributions, spelled out (module parameters may differ):
+/// no redirects (lower directories cannot be renamed: EXDEV), no metacopy, no index (a
+/// copy-up breaks a hard link). stratafs is asked for the same formats.
+pub const COMPAT: Profile = Profile {
+    name: "compat",
+    kernel_opts: "redirect_dir=off,index=off,metacopy=off",
+    stratafs_opts: "redirect_dir=off,index=off,metacopy=off",
+    cross_opts: Some("redirect_dir=off,index=off,metacopy=off"),
+};
+
+/// stratafs defaults (redirect_dir, metacopy and index on) against the kernel with the same
+/// features. No kernel mount of the stratafs upper: by design stratafs keeps its hard-link
+/// index in `workdir/stratafs-index` and not in the kernel's `workdir/index` (keyed by file
+/// handles), so a kernel mount would not find the index entries.
+pub const NATIVE: Profile = Profile {
+    name: "native",
+    kernel_opts: "redirect_dir=on,index=on,metacopy=on",
+    stratafs_opts: "",
+    cross_opts: None,
+};
+
+/// Both mounts of a running comparison; operations go through [`Driver::step`].
+pub struct Driver {
+    pub kernel: Mount,
+    pub stratafs: Mount,
+    pub dirty: Dirty,
+    pub failures: Vec<String>,
+    pub log: Vec<String>,
+    /// Stop comparing at the first different result (the states diverge after it).
+    pub stop_on_mismatch: bool,
+    pub stopped: bool,
+}
+
+impl Driver {
+    /// Runs `op` on the kernel mount, then on stratafs; returns the kernel's outcome.
+    pub fn step(&mut self, op: &Op) -> Outcome {
+        let i = self.log.len();
+        let k = ops::apply(self.kernel.path(), op);
+        let s = ops::apply(self.stratafs.path(), op);
+        self.log.push(format!("#{i} {op} => {k}"));
+        if k != s && !self.stopped {
+            self.failures
+                .push(format!("op #{i} `{op}`: kernel {k}, stratafs {s}"));
+            if self.stop_on_mismatch {
+                self.stopped = true;
+            }
+        }
+        ops::track(&mut self.dirty, op, &k);
+        k
+    }
+
+    pub fn merged_cmp(&self) -> Cmp<'_> {
+        Cmp {
+            mtime: Some(&self.dirty),
+            ctime: false,
+            nlink: true,
+            ino: false,
+            links: true,
+            root_attrs: true,
+        }
+    }
+
+    /// Compares the two merged trees now; returns false (and records why) if they differ.
+    pub fn check_trees(&mut self, when: &str) -> bool {
+        let k = tree::snapshot(self.kernel.path(), Snap::MERGED);
+        let s = tree::snapshot(self.stratafs.path(), Snap::MERGED);
+        let d = tree::diff("kernel", &k, "stratafs", &s, self.merged_cmp());
+        if d.is_empty() {
+            return true;
+        }
+        self.failures
+            .push(format!("merged trees differ {when}:\n{}", d.join("\n")));
+        false
+    }
+}
+
+fn diff_block(
+    what: &str,
+    a: &Tree,
+    a_name: &str,
+    b: &Tree,
+    b_name: &str,
+    cmp: Cmp,
+) -> Option<String> {
+    let d = tree::diff(a_name, a, b_name, b, cmp);
+    (!d.is_empty()).then(|| format!("{what}: {} path(s) differ:\n{}", d.len(), d.join("\n")))
+}
+
+fn lower_changes(fx: &Fixture, who: &str) -> Option<String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fx.assert_lowers_unchanged()
+    }))
+    .err()
+    .map(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "panic".into());
+        format!("{who}: {msg}")
+    })
+}
+
+/// Builds two standard fixtures, mounts kernel and stratafs, lets `drive` run operations,
+/// then compares everything. Panics with every difference found (and `context`).
+pub fn run(
+    profile: &Profile,
+    context: &str,
+    stop_on_mismatch: bool,
+    drive: impl FnOnce(&mut Driver),
+) {
+    let fk = Fixture::standard();
+    let fs = Fixture::standard();
+    let mut d = Driver {
+        kernel: fk.mount_kernel(profile.kernel_opts),
+        stratafs: fs.mount_stratafs(profile.stratafs_opts),
+        dirty: Dirty::default(),
+        failures: Vec::new(),
+        log: Vec::new(),
+        stop_on_mismatch,
+        stopped: false,
+    };
+    let initial_ok = d.check_trees("right after mounting (before any operation)");
+    if initial_ok {
+        drive(&mut d);
+    }
+    let kernel_merged = tree::snapshot(d.kernel.path(), Snap::MERGED);
+    if initial_ok && !d.stopped {
+        d.check_trees("after all operations");
+    }
+    let Driver {
+        kernel,
+        stratafs,
+        dirty,
+        mut failures,
+        log,
+        ..
+    } = d;
+    kernel.unmount();
+    stratafs.unmount();
+
+    {
+        let ku = tree::snapshot(&fk.upper, Snap::UPPER);
+        let su = tree::snapshot(&fs.upper, Snap::UPPER);
+        let cmp = Cmp {
+            mtime: Some(&dirty),
+            ctime: false,
+            nlink: true,
+            ino: false,
+            links: true,
+            root_attrs: true,
+        };
+        failures.extend(diff_block(
+            "upper layers after unmount",
+            &ku,
+            "kernel upper",
+            &su,
+            "stratafs upper",
+            cmp,
+        ));
+
+        if let Some(opts) = profile.cross_opts {
+            let layers = Layers {
+                lowers: fs.lowers.clone(),
+                upper: Some(fs.upper.clone()),
+                work: Some(fs.scratch("work2")),
+            };
+            let mnt = fs.scratch("mnt2");
+            let m = Mount::kernel(&layers, &mnt, opts);
+            let snap = Snap {
+                keep_xattr: tree::keep_non_stratafs_xattr,
+                ..Snap::MERGED
+            };
+            let cross = tree::snapshot(m.path(), snap);
+            m.unmount();
+            failures.extend(diff_block(
+                "kernel mount of the stratafs upper vs the kernel's own merged view",
+                &kernel_merged,
+                "kernel",
+                &cross,
+                "kernel(stratafs upper)",
+                cmp,
+            ));
+        }
+    }
+    failures.extend(lower_changes(&fk, "kernel fixture"));
+    failures.extend(lower_changes(&fs, "stratafs fixture"));
+    if !failures.is_empty() {
+        let tail: Vec<&String> = log
+            .iter()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        panic!(
+            "differential [{}] {context}: {} failure(s)\n\n{}\n\nlast operations (kernel results):\n{}",
+            profile.name,
+            failures.len(),
+            failures.join("\n\n"),
+            tail.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+fn s(x: &str) -> String {
+    x.to_string()
+}
+
+/// The scripted sequence: every kind of change, on every kind of fixture entry.
+pub fn scripted_ops() -> Vec<Op> {
+    let t1 = (1_234_567_890, 123_456_789);
+    let t2 = (1_111_111_111, 5);
+    vec![
+        // Reads first: the merged view as built.
+        Op::Read { path: s("a.txt") },
+        Op::Read { path: s("b.txt") },
+        Op::Read { path: s("c.txt") },
+        Op::Read { path: s("dir1/f1") },
+        Op::Read { path: s("dir1/f2") },
+        Op::Read {
+            path: s("opq/hidden"),
+        },
+        Op::ReadDir { path: s("") },
+        Op::ReadDir { path: s("merged") },
+        Op::ReadDir {
+            path: s("merged/inner"),
+        },
+        Op::ReadDir { path: s("opq") },
+        Op::ReadDir { path: s("opq_up") },
+        Op::ReadDir { path: s("dir1") },
+        Op::ReadDir {
+            path: s("dir_over_file"),
+        },
+        Op::Stat { path: s("merged") },
+        Op::Stat { path: s("hl2") },
+        Op::ListXattr { path: s("xa") },
+        Op::ListXattr { path: s("opq") },
+        Op::GetXattr {
+            path: s("opq"),
+            name: s("trusted.overlay.opaque"),
+        },
+        Op::GetXattr {
+            path: s("opq_up"),
+            name: s("trusted.overlay.opaque"),
+        },
+        // Data changes: copy-up.
+        Op::write("a.txt", None, b"more\n"),
+        Op::write("big.bin", Some(4 << 20), &[0x5a; 4096]),
+        Op::write("sparse.img", Some(32 << 20), b"island in the middle"),
+        Op::write("dir_link/f3", None, b"through a symlinked dir\n"),
+        Op::write("dir1/sub/deep/file", Some(2), b"EE"),
+        Op::Truncate {
+            path: s("b.txt"),
+            len: 3,
+        },
+        Op::Truncate {
+            path: s("dir1/f3"),
+            len: 100_000,
+        },
+        Op::OpenTrunc {
+            path: s("merged/both"),
+        },
+        Op::OpenTrunc { path: s("c.txt") },
+        Op::write("rel_link", None, b"no follow\n"),
+        // Metadata changes.
+        Op::Chmod {
+            path: s("modes/m600"),
+            mode: 0o640,
+        },
+        Op::Chmod {
+            path: s("modes/sticky"),
+            mode: 0o755,
+        },
+        Op::Chmod {
+            path: s("l1only"),
+            mode: 0o700,
+        },
+        Op::Chmod {
+            path: s("rel_link"),
+            mode: 0o604,
+        },
+        Op::Chown {
+            path: s("xa"),
+            uid: 1234,
+            gid: 5678,
+        },
+        Op::Chown {
+            path: s("dangling"),
+            uid: 42,
+            gid: 43,
+        },
+        Op::Chown {
+            path: s("modes/sgid"),
+            uid: 7,
+            gid: 8,
+        },
+        Op::Utimes {
+            path: s("top.txt"),
+            atime: t2,
+            mtime: t1,
+        },
+        Op::Utimes {
+            path: s("merged/inner"),
+            atime: t1,
+            mtime: t2,
+        },
+        Op::Utimes {
+            path: s("abs_link"),
+            atime: t1,
+            mtime: t1,
+        },
+        Op::Utimes {
+            path: s("fifo"),
+            atime: t2,
+            mtime: t2,
+        },
+        Op::SetXattr {
+            path: s("dir1/f1"),
+            name: s("user.new"),
+            value: b"val".to_vec(),
+            flags: 0,
+        },
+        Op::SetXattr {
+            path: s("xa"),
+            name: s("user.foo"),
+            value: b"x".to_vec(),
+            flags: libc::XATTR_CREATE,
+        },
+        Op::SetXattr {
+            path: s("xa"),
+            name: s("user.none"),
+            value: b"x".to_vec(),
+            flags: libc::XATTR_REPLACE,
+        },
+        Op::SetXattr {
+            path: s("l2only"),
+            name: s("user.dirx"),
+            value: b"on a lower dir".to_vec(),
+            flags: 0,
+        },
+        Op::RemoveXattr {
+            path: s("xa"),
+            name: s("user.foo"),
+        },
+        Op::RemoveXattr {
+            path: s("xa"),
+            name: s("user.nope"),
+        },
+        Op::RemoveXattr {
+            path: s("l1only"),
+            name: s("user.dir"),
+        },
+        Op::ListXattr { path: s("xa") },
+        Op::GetXattr {
+            path: s("xa"),
+            name: s("user.bar"),
+        },
+        Op::GetXattr {
+            path: s("xa"),
+            name: s("user.bin"),
+        },
+        // Removal.
+        Op::Unlink { path: s("hl1") },
+        Op::Stat { path: s("hl2") },
+        Op::Unlink { path: s("c.txt") },
+        Op::Unlink {
+            path: s("up_only.txt"),
+        },
+        Op::Unlink { path: s("fifo") },
+        Op::Unlink { path: s("chardev") },
+        Op::Rmdir { path: s("merged") },
+        Op::Unlink {
+            path: s("merged/from_l0"),
+        },
+        Op::Unlink {
+            path: s("merged/from_l1"),
+        },
+        Op::Unlink {
+            path: s("merged/from_l2"),
+        },
+        Op::Unlink {
+            path: s("merged/from_up"),
+        },
+        Op::Unlink {
+            path: s("merged/both"),
+        },
+        Op::Unlink {
+            path: s("merged/inner/x"),
+        },
+        Op::Unlink {
+            path: s("merged/inner/y"),
+        },
+        Op::Rmdir {
+            path: s("merged/inner"),
+        },
+        Op::Rmdir { path: s("merged") },
+        Op::Stat { path: s("merged") },
+        Op::Rmdir { path: s("opq") },
+        Op::Unlink {
+            path: s("opq/visible"),
+        },
+        Op::Rmdir { path: s("opq") },
+        Op::Rmdir {
+            path: s("empty_dir"),
+        },
+        Op::Unlink { path: s("dir1") },
+        Op::Rmdir { path: s("a.txt") },
+        // Names reused: mkdir over whiteouts (must be opaque), files over removed dirs.
+        Op::Mkdir {
+            path: s("wh_target"),
+            mode: 0o755,
+        },
+        Op::ReadDir {
+            path: s("wh_target"),
+        },
+        Op::Create {
+            path: s("wh_target/inside"),
+            data: b"inside\n".to_vec(),
+        },
+        Op::Mkdir {
+            path: s("wh_dir"),
+            mode: 0o711,
+        },
+        Op::ReadDir { path: s("wh_dir") },
+        Op::Mkdir {
+            path: s("merged"),
+            mode: 0o755,
+        },
+        Op::ReadDir { path: s("merged") },
+        Op::Create {
+            path: s("opq"),
+            data: b"file where opq was\n".to_vec(),
+        },
+        Op::Unlink {
+            path: s("file_over_dir"),
+        },
+        Op::Mkdir {
+            path: s("file_over_dir"),
+            mode: 0o755,
+        },
+        Op::ReadDir {
+            path: s("file_over_dir"),
+        },
+        Op::Rmdir {
+            path: s("dir_over_file"),
+        },
+        Op::Unlink {
+            path: s("dir_over_file/z"),
+        },
+        Op::Rmdir {
+            path: s("dir_over_file"),
+        },
+        Op::Create {
+            path: s("dir_over_file"),
+            data: b"file again\n".to_vec(),
+        },
+        Op::Read {
+            path: s("dir_over_file"),
+        },
+        // Creation.
+        Op::Create {
+            path: s("dir1/sub/new.txt"),
+            data: b"new\n".to_vec(),
+        },
+        Op::Create {
+            path: s("top.txt"),
+            data: b"exists\n".to_vec(),
+        },
+        Op::Create {
+            path: s("hl1"),
+            data: b"recreated\n".to_vec(),
+        },
+        Op::Mkdir {
+            path: s("dir1"),
+            mode: 0o755,
+        },
+        Op::Mkdir {
+            path: s("newdir/deeper"),
+            mode: 0o755,
+        },
+        Op::Mkdir {
+            path: s("newdir"),
+            mode: 0o750,
+        },
+        Op::Mkdir {
+            path: s("newdir/deeper"),
+            mode: 0o700,
+        },
+        Op::Symlink {
+            target: s("a.txt"),
+            path: s("newlink"),
+        },
+        Op::Symlink {
+            target: s("nowhere/at/all"),
+            path: s("dir1/newdangling"),
+        },
+        Op::Symlink {
+            target: s("x"),
+            path: s("rel_link"),
+        },
+        Op::Link {
+            from: s("hl2"),
+            to: s("hl2_link"),
+        },
+        Op::Link {
+            from: s("a.txt"),
+            to: s("dir1/a_link"),
+        },
+        Op::Link {
+            from: s("dir1/f2"),
+            to: s("f2_link"),
+        },
+        Op::Link {
+            from: s("l1only"),
+            to: s("dirlink"),
+        },
+        Op::Stat { path: s("hl2") },
+        Op::Stat {
+            path: s("hl_dir/hl3"),
+        },
+        Op::Mkfifo { path: s("newfifo") },
+        Op::Mknod {
+            path: s("newchr"),
+            major: 1,
+            minor: 3,
+        },
+        Op::Mknod {
+            path: s("l2only/newnull"),
+            major: 1,
+            minor: 5,
+        },
+        // Renames.
+        Op::rename("dir1/f1", "dir1/f1_renamed"),
+        Op::rename("b.txt", "dir1/b_moved"),
+        Op::rename("newlink", "a.txt"),
+        Op::rename("top.txt", "l2only/f"),
+        Op::rename("c.txt", "c2.txt"),
+        Op::rename("dir1/f3", "wh_dir/f3"),
+        Op::rename("modes/m755", "modes/private/m755"),
+        Op::rename("dir1", "dir1_moved"),
+        Op::rename("l2only", "l2only_moved"),
+        Op::rename("newdir", "newdir_moved"),
+        Op::rename("wh_target", "newdir_moved/wh_target"),
+        Op::rename("up_dir", "up_dir_moved"),
+        Op::rename("xa", "l1only"),
+        Op::rename("l1only/inner", "l1only/inner2"),
+        Op::rename("empty_dir", "wh_dir"),
+        Op::rename_flags("hl2_link", "dir1/a_link", RENAME_NOREPLACE),
+        Op::rename_flags("hl2_link", "hl2_link_nr", RENAME_NOREPLACE),
+        Op::rename_flags("modes/suid", "modes/ro", RENAME_EXCHANGE),
+        Op::rename_flags("modes/suid", "modes/none", RENAME_EXCHANGE),
+        Op::rename_flags("newfifo", "dir1/f_up", RENAME_EXCHANGE),
+        // The state after all of it, read through the mount.
+        Op::ReadDir { path: s("") },
+        Op::ReadDir { path: s("dir1") },
+        Op::ReadDir { path: s("modes") },
+        Op::ReadDir { path: s("wh_dir") },
+        Op::Read { path: s("a.txt") },
+        Op::Read {
+            path: s("modes/ro"),
+        },
+        Op::Read {
+            path: s("l2only/f"),
+        },
+        Op::Stat { path: s("dir1") },
+        Op::Stat { path: s("modes") },
+        Op::Stat { path: s("") },
+    ]
+}
+
+#[test]
+fn scripted_ops_match_kernel_compat() {
+    run(&COMPAT, "scripted", false, |d| {
+        for op in scripted_ops() {
+            d.step(&op);
+        }
+    });
+}
+
+#[test]
+fn scripted_ops_match_kernel_native() {
+    run(&NATIVE, "scripted", false, |d| {
+        for op in scripted_ops() {
+            d.step(&op);
+        }
+    });
+}
+
+/// The merged view right after mounting, with no operation at all, matches the kernel's
+/// (and so does a stratafs-written upper after a mount that changed nothing).
+#[test]
+fn untouched_mount_matches_kernel() {
+    run(&COMPAT, "no operations", false, |_| {});
+}

@@ -1,0 +1,7 @@
+//! Test modules; helpers are in `crate::util`.
+
+mod cli;
+mod differential;
+mod random;
+mod regression;
+mod semantics;
