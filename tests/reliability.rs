@@ -132,7 +132,10 @@ fn kill9(pid: i32) {
     assert!(st.success(), "kill -9 {pid}");
     let t = Instant::now();
     while alive(pid) {
-        assert!(t.elapsed() < Duration::from_secs(20), "pid {pid} survives kill -9");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pid {pid} survives kill -9"
+        );
         thread::sleep(Duration::from_millis(5));
     }
 }
@@ -151,10 +154,12 @@ fn abort_fuse(mnt: &Path) {
     let want = mnt.to_string_lossy();
     for l in info.lines() {
         let f: Vec<&str> = l.split(' ').collect();
-        if f.len() > 4 && stratafs::options::unescape_mountinfo(f[4]) == want
-            && let Some((_, minor)) = f[2].split_once(':') {
-                let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
-            }
+        if f.len() > 4
+            && stratafs::options::unescape_mountinfo(f[4]) == want
+            && let Some((_, minor)) = f[2].split_once(':')
+        {
+            let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+        }
     }
 }
 
@@ -178,7 +183,11 @@ impl Mount {
                 .join(":")
         );
         if let Some((u, w)) = upper {
-            o.push_str(&format!(",upperdir={},workdir={}", u.display(), w.display()));
+            o.push_str(&format!(
+                ",upperdir={},workdir={}",
+                u.display(),
+                w.display()
+            ));
         }
         if !extra.is_empty() {
             o.push(',');
@@ -278,7 +287,12 @@ fn empty_dir(p: &Path) {
 fn entries(p: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(p)
         .unwrap_or_else(|e| panic!("readdir {}: {e}", p.display()))
-        .map(|e| e.expect("dirent").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("dirent")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     v.sort();
     v
@@ -291,7 +305,10 @@ fn sha_hex(data: &[u8]) -> String {
 /// A file's digest; big files through `sha256sum` (the test binary is not optimised).
 fn file_digest(p: &Path, size: u64) -> String {
     if size > 4 << 20 {
-        let out = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+        let out = Command::new("sha256sum")
+            .arg(p)
+            .output()
+            .expect("sha256sum");
         assert!(out.status.success());
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
@@ -474,9 +491,12 @@ except OSError as e:
     if s == "ok" {
         Ok(())
     } else {
-        Err(s
-            .parse()
-            .unwrap_or_else(|_| panic!("helper said {s:?} / {}", String::from_utf8_lossy(&out.stderr))))
+        Err(s.parse().unwrap_or_else(|_| {
+            panic!(
+                "helper said {s:?} / {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }))
     }
 }
 
@@ -606,7 +626,11 @@ fn run_crash_case(l: &Layers, c: &CrashCase<'_>, rng: &mut StdRng) -> CrashStats
         h.join().expect("op thread");
         m.umount();
         drop(m);
-        let left = l.work_entries().iter().filter(|n| *n != "#whiteout").count();
+        let left = l
+            .work_entries()
+            .iter()
+            .filter(|n| *n != "#whiteout")
+            .count();
         let m = l.mount();
         let work = l.work_entries();
         assert!(
@@ -650,7 +674,11 @@ fn run_crash_case(l: &Layers, c: &CrashCase<'_>, rng: &mut StdRng) -> CrashStats
         );
         m.umount();
         drop(m);
-        assert_same_snapshot(&format!("{}: lower layer", c.name), &lower_before, &snapshot(&l.lower));
+        assert_same_snapshot(
+            &format!("{}: lower layer", c.name),
+            &lower_before,
+            &snapshot(&l.lower),
+        );
     }
     println!("{}: {stats:?}", c.name);
     assert!(stats.kills > 0, "{}: no kill point tried", c.name);
@@ -889,7 +917,11 @@ fn crash_rename_of_lower_dirs() {
         let d = l.lower.join(format!("dirs/d{i:02}"));
         mkdirs(&d.join("sub"));
         for j in 0..10 {
-            fs::write(d.join(format!("f{j}")), format!("d{i} f{j} {}", rng.random::<u64>())).unwrap();
+            fs::write(
+                d.join(format!("f{j}")),
+                format!("d{i} f{j} {}", rng.random::<u64>()),
+            )
+            .unwrap();
         }
         for j in 0..3 {
             fs::write(d.join(format!("sub/s{j}")), format!("d{i} s{j}")).unwrap();
@@ -1086,7 +1118,11 @@ fn faults_enospc_in_a_full_upper() {
         &small,
     )
     .expect("mount a 16 MiB tmpfs");
-    let (upper, work, mnt) = (small.join("upper"), small.join("work"), t.path().join("mnt"));
+    let (upper, work, mnt) = (
+        small.join("upper"),
+        small.join("work"),
+        t.path().join("mnt"),
+    );
     mkdirs(&upper);
     mkdirs(&work);
     // Existing upper content: a file to keep and a filler that leaves < 12 MiB free.
@@ -1098,13 +1134,25 @@ fn faults_enospc_in_a_full_upper() {
     let pid = m.pid();
     let upper_before = upper_names(&upper);
     let check_intact = |what: &str| {
-        assert_eq!(fs::read(mnt.join("keep")).unwrap(), keep, "{what}: upper file through the mount");
-        assert_eq!(fs::read(upper.join("keep")).unwrap(), keep, "{what}: upper file on disk");
+        assert_eq!(
+            fs::read(mnt.join("keep")).unwrap(),
+            keep,
+            "{what}: upper file through the mount"
+        );
+        assert_eq!(
+            fs::read(upper.join("keep")).unwrap(),
+            keep,
+            "{what}: upper file on disk"
+        );
         assert!(
             content_is(&mnt.join("big"), &lower.join("big"), b"").unwrap(),
             "{what}: big through the mount"
         );
-        assert!(entries(&work.join("work")).iter().all(|n| n == "#whiteout"), "{what}: leftovers in workdir/work: {:?}", entries(&work.join("work")));
+        assert!(
+            entries(&work.join("work")).iter().all(|n| n == "#whiteout"),
+            "{what}: leftovers in workdir/work: {:?}",
+            entries(&work.join("work"))
+        );
         assert_same_snapshot(what, &lower_before, &snapshot(&lower));
         assert_alive(&m, pid, what);
     };
@@ -1116,10 +1164,15 @@ fn faults_enospc_in_a_full_upper() {
         &[libc::ENOSPC],
     );
     check_intact("failed copy-up");
-    assert_eq!(upper_names(&upper), upper_before, "a partial copy-up is left in the upper layer");
+    assert_eq!(
+        upper_names(&upper),
+        upper_before,
+        "a partial copy-up is left in the upper layer"
+    );
 
     // Metadata-only copy-up works (no data), and the data fill then fails cleanly.
-    fs::set_permissions(mnt.join("big"), fs::Permissions::from_mode(0o640)).expect("chmod (metacopy) in a full upper");
+    fs::set_permissions(mnt.join("big"), fs::Permissions::from_mode(0o640))
+        .expect("chmod (metacopy) in a full upper");
     let r = OpenOptions::new()
         .append(true)
         .open(mnt.join("big"))
@@ -1140,7 +1193,11 @@ fn faults_enospc_in_a_full_upper() {
         }
         assert!(written < 64 << 20, "wrote 64 MiB into a 16 MiB tmpfs");
     };
-    assert_eq!(errno_of(&err), libc::ENOSPC, "write into a full upper: {err}");
+    assert_eq!(
+        errno_of(&err),
+        libc::ENOSPC,
+        "write into a full upper: {err}"
+    );
     drop(f);
     let size = fs::metadata(mnt.join("new")).unwrap().len();
     assert_eq!(size, written, "size of a file written to ENOSPC");
@@ -1158,25 +1215,44 @@ fn faults_enospc_in_a_full_upper() {
         }
         assert!(made < 1000, "created 1000 files in a 64-inode tmpfs");
     };
-    assert_eq!(errno_of(&err), libc::ENOSPC, "create with no inodes left: {err}");
+    assert_eq!(
+        errno_of(&err),
+        libc::ENOSPC,
+        "create with no inodes left: {err}"
+    );
     // A delete that needs a new upper directory (copy-up of sub) fails too, and changes nothing.
     let r = fs::remove_file(mnt.join("sub/x"));
     if let Err(e) = &r {
-        assert_eq!(errno_of(e), libc::ENOSPC, "whiteout with no inodes left: {e}");
+        assert_eq!(
+            errno_of(e),
+            libc::ENOSPC,
+            "whiteout with no inodes left: {e}"
+        );
         assert_eq!(fs::read(mnt.join("sub/x")).unwrap(), b"x");
-        assert!(!upper.join("sub").exists(), "a partial copy-up of sub is left");
+        assert!(
+            !upper.join("sub").exists(),
+            "a partial copy-up of sub is left"
+        );
     }
     check_intact("create to ENOSPC");
-    println!("enospc: {written} bytes written, {made} files created before ENOSPC; delete needing a copy-up: {r:?}");
+    println!(
+        "enospc: {written} bytes written, {made} files created before ENOSPC; delete needing a copy-up: {r:?}"
+    );
 
     // Space freed: everything works again.
     fs::remove_dir_all(mnt.join("many")).expect("rm -rf many");
     fs::remove_file(mnt.join("filler")).expect("unlink filler");
-    let mut f = OpenOptions::new().append(true).open(mnt.join("big")).expect("copy-up after space was freed");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(mnt.join("big"))
+        .expect("copy-up after space was freed");
     f.write_all(TAIL).expect("append after space was freed");
     drop(f);
     assert!(content_is(&mnt.join("big"), &lower.join("big"), TAIL).unwrap());
-    assert!(!metacopy_mark(&upper.join("big")), "metacopy mark left after the fill");
+    assert!(
+        !metacopy_mark(&upper.join("big")),
+        "metacopy mark left after the fill"
+    );
     fs::write(mnt.join("new2"), b"works").expect("create after space was freed");
     if r.is_err() {
         fs::remove_file(mnt.join("sub/x")).expect("delete after space was freed");
@@ -1195,7 +1271,11 @@ struct Immutable(PathBuf);
 
 impl Immutable {
     fn set(p: &Path) -> Immutable {
-        let st = Command::new("chattr").arg("+i").arg(p).status().expect("chattr");
+        let st = Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .status()
+            .expect("chattr");
         assert!(st.success(), "chattr +i {}", p.display());
         Immutable(p.to_path_buf())
     }
@@ -1285,7 +1365,10 @@ fn faults_errors_from_layers_reach_the_caller() {
     m.umount();
     drop(m);
     assert_same_snapshot("lower layer", &lower_before, &snapshot(&lower));
-    println!("errors from layers: {} nobody cases + 3 immutable cases", cases.len());
+    println!(
+        "errors from layers: {} nobody cases + 3 immutable cases",
+        cases.len()
+    );
 }
 
 #[test]
@@ -1316,8 +1399,16 @@ fn faults_dead_lower_layer() {
     kill9(inner_m.pid());
     let layer_errs = [libc::ENOTCONN, libc::EIO, libc::ECONNABORTED];
     let mut got = BTreeSet::new();
-    got.insert(expect_errno("stat of a name not looked up yet", fs::metadata(mnt.join("unseen")), &layer_errs));
-    got.insert(expect_errno("readdir of a lower dir", fs::read_dir(mnt.join("d")).and_then(|mut d| d.next().transpose()), &layer_errs));
+    got.insert(expect_errno(
+        "stat of a name not looked up yet",
+        fs::metadata(mnt.join("unseen")),
+        &layer_errs,
+    ));
+    got.insert(expect_errno(
+        "readdir of a lower dir",
+        fs::read_dir(mnt.join("d")).and_then(|mut d| d.next().transpose()),
+        &layer_errs,
+    ));
     got.insert(expect_errno(
         "copy-up from the dead layer",
         OpenOptions::new().append(true).open(mnt.join("seen")),
@@ -1325,11 +1416,22 @@ fn faults_dead_lower_layer() {
     ));
     assert_alive(&outer, pid, "errors from a dead lower layer");
     // What lives in the upper layer alone is still served.
-    assert_eq!(fs::read(mnt.join("up")).expect("read an upper-only file"), b"upper only");
+    assert_eq!(
+        fs::read(mnt.join("up")).expect("read an upper-only file"),
+        b"upper only"
+    );
     assert_alive(&outer, pid, "read of an upper file over a dead lower layer");
-    println!("dead lower layer: errors {:?}", got.iter().map(|e| ename(*e)).collect::<Vec<_>>());
+    println!(
+        "dead lower layer: errors {:?}",
+        got.iter().map(|e| ename(*e)).collect::<Vec<_>>()
+    );
     outer.umount();
     drop(outer);
+    // The outer daemon holds the inner mount's root until it has exited.
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(10));
+    }
     inner_m.umount();
 }
 
@@ -1341,12 +1443,15 @@ const WORKERS: usize = 4;
 const ROUNDS: usize = 5;
 const OPS_PER_ROUND: usize = 600;
 
+/// A file's data and user xattrs.
+type Inode = (Vec<u8>, BTreeMap<String, Vec<u8>>);
+
 /// One worker's subtree: paths (relative, "" is the root) to entries; files share inodes.
 #[derive(Clone, Debug, Default)]
 struct Model {
     dirs: BTreeSet<String>,
     files: BTreeMap<String, u32>,
-    inodes: HashMap<u32, (Vec<u8>, BTreeMap<String, Vec<u8>>)>,
+    inodes: HashMap<u32, Inode>,
     next: u32,
 }
 
@@ -1355,12 +1460,23 @@ impl Model {
         self.files.values().filter(|i| **i == ino).count()
     }
     fn join(dir: &str, name: &str) -> String {
-        if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+        if dir.is_empty() {
+            name.to_string()
+        } else {
+            format!("{dir}/{name}")
+        }
     }
     fn children(&self, dir: &str) -> usize {
-        let pre = if dir.is_empty() { String::new() } else { format!("{dir}/") };
-        let direct = |p: &String| p.starts_with(&pre) && p.len() > pre.len() && !p[pre.len()..].contains('/');
-        self.dirs.iter().filter(|p| direct(p)).count() + self.files.keys().filter(|p| direct(p)).count()
+        let pre = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let direct = |p: &String| {
+            p.starts_with(&pre) && p.len() > pre.len() && !p[pre.len()..].contains('/')
+        };
+        self.dirs.iter().filter(|p| direct(p)).count()
+            + self.files.keys().filter(|p| direct(p)).count()
     }
     fn add_file(&mut self, path: String, data: Vec<u8>) -> u32 {
         self.next += 1;
@@ -1378,7 +1494,11 @@ impl Model {
 }
 
 fn pick<'a, T>(rng: &mut StdRng, v: &'a [T]) -> Option<&'a T> {
-    if v.is_empty() { None } else { Some(&v[rng.random_range(0..v.len())]) }
+    if v.is_empty() {
+        None
+    } else {
+        Some(&v[rng.random_range(0..v.len())])
+    }
 }
 
 fn rand_data(rng: &mut StdRng, max: usize) -> Vec<u8> {
@@ -1431,9 +1551,22 @@ fn out<T>(r: io::Result<T>) -> Outcome {
 }
 
 /// Errors that a race between workers in the shared subtree explains.
-const RACE_ERRNOS: &[i32] = &[libc::ENOENT, libc::EEXIST, libc::ENOTEMPTY, libc::EISDIR, libc::ENOTDIR];
+const RACE_ERRNOS: &[i32] = &[
+    libc::ENOENT,
+    libc::EEXIST,
+    libc::ENOTEMPTY,
+    libc::EISDIR,
+    libc::ENOTDIR,
+];
 /// Errors that must never come from the filesystem.
-const BAD_ERRNOS: &[i32] = &[libc::EIO, libc::ESTALE, libc::ENOTCONN, libc::ECONNABORTED, libc::EBADF, libc::EFAULT];
+const BAD_ERRNOS: &[i32] = &[
+    libc::EIO,
+    libc::ESTALE,
+    libc::ENOTCONN,
+    libc::ECONNABORTED,
+    libc::EBADF,
+    libc::EFAULT,
+];
 
 struct Worker {
     w: usize,
@@ -1463,7 +1596,10 @@ impl Worker {
         let dirs: Vec<String> = m.dirs.iter().cloned().collect();
         let fresh = |rng: &mut StdRng, m: &Model| {
             let d = pick(rng, &dirs).unwrap().clone();
-            Model::join(&d, &format!("n{}", m.next + 1 + rng.random_range(0..1000u32) * 1000))
+            Model::join(
+                &d,
+                &format!("n{}", m.next + 1 + rng.random_range(0..1000u32) * 1000),
+            )
         };
         let op = rng.random_range(0..12u32);
         let (desc, want, got): (String, Outcome, Outcome) = match op {
@@ -1474,24 +1610,36 @@ impl Worker {
                     _ => (fresh(rng, m), false),
                 };
                 if exists || m.dirs.contains(&path) {
-                    let got = out(OpenOptions::new().write(true).create_new(true).open(root.join(&path)));
+                    let got = out(OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(root.join(&path)));
                     (format!("create {path}"), Err(libc::EEXIST), got)
                 } else {
                     let data = rand_data(rng, 8192);
-                    let got = out(OpenOptions::new().write(true).create_new(true).open(root.join(&path)).and_then(|mut f| f.write_all(&data)));
+                    let got = out(OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(root.join(&path))
+                        .and_then(|mut f| f.write_all(&data)));
                     m.add_file(path.clone(), data);
                     (format!("create {path}"), Ok(()), got)
                 }
             }
             1 | 2 => {
-                let Some(path) = pick(rng, &files).cloned() else { return };
+                let Some(path) = pick(rng, &files).cloned() else {
+                    return;
+                };
                 let ino = m.files[&path];
                 if op == 1 {
                     // write at an offset (may extend, leaving a hole)
                     let data = rand_data(rng, 4096);
                     let len = m.inodes[&ino].0.len();
                     let off = rng.random_range(0..=len + 100);
-                    let got = out(OpenOptions::new().write(true).open(root.join(&path)).and_then(|f| f.write_all_at(&data, off as u64)));
+                    let got = out(OpenOptions::new()
+                        .write(true)
+                        .open(root.join(&path))
+                        .and_then(|f| f.write_all_at(&data, off as u64)));
                     let c = &mut m.inodes.get_mut(&ino).unwrap().0;
                     if c.len() < off + data.len() {
                         c.resize(off + data.len(), 0);
@@ -1503,14 +1651,21 @@ impl Worker {
                     if let Ok(d) = &got
                         && *d != m.inodes[&ino].0
                     {
-                        self.failures.push(format!("w{}: read {path}: {} bytes, model has {}", self.w, d.len(), m.inodes[&ino].0.len()));
+                        self.failures.push(format!(
+                            "w{}: read {path}: {} bytes, model has {}",
+                            self.w,
+                            d.len(),
+                            m.inodes[&ino].0.len()
+                        ));
                     }
                     (format!("read {path}"), Ok(()), out(got))
                 }
             }
             3 => {
                 // rename a file: to a fresh name, or over another file
-                let Some(src) = pick(rng, &files).cloned() else { return };
+                let Some(src) = pick(rng, &files).cloned() else {
+                    return;
+                };
                 let dst = match pick(rng, &files) {
                     Some(f) if rng.random_bool(0.4) => f.clone(),
                     _ => fresh(rng, m),
@@ -1525,13 +1680,17 @@ impl Worker {
                 (format!("rename {src} -> {dst}"), Ok(()), got)
             }
             4 => {
-                let Some(path) = pick(rng, &files).cloned() else { return };
+                let Some(path) = pick(rng, &files).cloned() else {
+                    return;
+                };
                 let got = out(fs::remove_file(root.join(&path)));
                 m.drop_name(&path);
                 (format!("unlink {path}"), Ok(()), got)
             }
             5 => {
-                let Some(src) = pick(rng, &files).cloned() else { return };
+                let Some(src) = pick(rng, &files).cloned() else {
+                    return;
+                };
                 let dst = fresh(rng, m);
                 let got = out(fs::hard_link(root.join(&src), root.join(&dst)));
                 let ino = m.files[&src];
@@ -1539,15 +1698,22 @@ impl Worker {
                 (format!("link {src} -> {dst}"), Ok(()), got)
             }
             6 => {
-                let Some(path) = pick(rng, &files).cloned() else { return };
+                let Some(path) = pick(rng, &files).cloned() else {
+                    return;
+                };
                 let ino = m.files[&path];
                 let len = rng.random_range(0..=m.inodes[&ino].0.len() * 2 + 10);
-                let got = out(OpenOptions::new().write(true).open(root.join(&path)).and_then(|f| f.set_len(len as u64)));
+                let got = out(OpenOptions::new()
+                    .write(true)
+                    .open(root.join(&path))
+                    .and_then(|f| f.set_len(len as u64)));
                 m.inodes.get_mut(&ino).unwrap().0.resize(len, 0);
                 (format!("truncate {path} to {len}"), Ok(()), got)
             }
             7 => {
-                if m.dirs.len() > 14 { return; }
+                if m.dirs.len() > 14 {
+                    return;
+                }
                 let path = fresh(rng, m);
                 let got = out(fs::create_dir(root.join(&path)));
                 m.dirs.insert(path.clone());
@@ -1555,7 +1721,9 @@ impl Worker {
             }
             8 => {
                 let cands: Vec<String> = dirs.iter().filter(|d| !d.is_empty()).cloned().collect();
-                let Some(path) = pick(rng, &cands).cloned() else { return };
+                let Some(path) = pick(rng, &cands).cloned() else {
+                    return;
+                };
                 let got = out(fs::remove_dir(root.join(&path)));
                 let want = if m.children(&path) == 0 {
                     m.dirs.remove(&path);
@@ -1566,7 +1734,9 @@ impl Worker {
                 (format!("rmdir {path}"), want, got)
             }
             9 | 10 => {
-                let Some(path) = pick(rng, &files).cloned() else { return };
+                let Some(path) = pick(rng, &files).cloned() else {
+                    return;
+                };
                 let ino = m.files[&path];
                 let key = format!("user.k{}", rng.random_range(0..3));
                 if op == 9 {
@@ -1579,7 +1749,8 @@ impl Worker {
                     if let Ok(v) = &got
                         && v.as_ref() != m.inodes[&ino].1.get(&key)
                     {
-                        self.failures.push(format!("w{}: getxattr {path} {key}: {v:?}", self.w));
+                        self.failures
+                            .push(format!("w{}: getxattr {path} {key}: {v:?}", self.w));
                     }
                     (format!("getxattr {path} {key}"), Ok(()), out(got))
                 }
@@ -1587,16 +1758,37 @@ impl Worker {
             _ => {
                 // rename a directory (not the root) to a fresh name outside itself
                 let cands: Vec<String> = dirs.iter().filter(|d| !d.is_empty()).cloned().collect();
-                let Some(src) = pick(rng, &cands).cloned() else { return };
-                let targets: Vec<String> = dirs.iter().filter(|d| **d != src && !d.starts_with(&format!("{src}/"))).cloned().collect();
-                let Some(td) = pick(rng, &targets).cloned() else { return };
+                let Some(src) = pick(rng, &cands).cloned() else {
+                    return;
+                };
+                let targets: Vec<String> = dirs
+                    .iter()
+                    .filter(|d| **d != src && !d.starts_with(&format!("{src}/")))
+                    .cloned()
+                    .collect();
+                let Some(td) = pick(rng, &targets).cloned() else {
+                    return;
+                };
                 let dst = Model::join(&td, &format!("r{}", rng.random_range(0..1_000_000u32)));
                 let got = out(fs::rename(root.join(&src), root.join(&dst)));
                 let moved = |p: &String| -> Option<String> {
-                    if *p == src { Some(dst.clone()) } else { p.strip_prefix(&format!("{src}/")).map(|r| format!("{dst}/{r}")) }
+                    if *p == src {
+                        Some(dst.clone())
+                    } else {
+                        p.strip_prefix(&format!("{src}/"))
+                            .map(|r| format!("{dst}/{r}"))
+                    }
                 };
-                m.dirs = m.dirs.iter().map(|p| moved(p).unwrap_or_else(|| p.clone())).collect();
-                m.files = m.files.iter().map(|(p, i)| (moved(p).unwrap_or_else(|| p.clone()), *i)).collect();
+                m.dirs = m
+                    .dirs
+                    .iter()
+                    .map(|p| moved(p).unwrap_or_else(|| p.clone()))
+                    .collect();
+                m.files = m
+                    .files
+                    .iter()
+                    .map(|(p, i)| (moved(p).unwrap_or_else(|| p.clone()), *i))
+                    .collect();
                 (format!("rename dir {src} -> {dst}"), Ok(()), got)
             }
         };
@@ -1604,12 +1796,10 @@ impl Worker {
             *self.own_errs.entry(e).or_default() += 1;
         }
         self.hist.push(format!("{desc}: {:?}", got.map_err(ename)));
-        if self.hist.len() > 40 {
-            self.hist.remove(0);
-        }
         if want != got {
             let ctx = if self.failures.is_empty() {
-                format!("\n  after: {}", self.hist.join("\n    "))
+                let from = self.hist.len().saturating_sub(40);
+                format!("\n  after: {}", self.hist[from..].join("\n    "))
             } else {
                 String::new()
             };
@@ -1625,7 +1815,8 @@ impl Worker {
             let victim = self.model.files.keys().next().unwrap().clone();
             let r = out(fs::remove_file(root.join(&victim)));
             if r.is_err() {
-                self.failures.push(format!("w{}: trim unlink {victim}: {r:?}", self.w));
+                self.failures
+                    .push(format!("w{}: trim unlink {victim}: {r:?}", self.w));
             }
             self.model.drop_name(&victim);
         }
@@ -1641,21 +1832,49 @@ impl Worker {
         let (p, q) = (name(rng), name(rng));
         let data = rand_data(rng, 4096);
         let (desc, r): (&str, Outcome) = match rng.random_range(0..10u32) {
-            0 => ("create", out(OpenOptions::new().write(true).create(true).truncate(false).open(&p).and_then(|mut f| f.write_all(&data)))),
-            1 => ("write", out(OpenOptions::new().write(true).open(&p).and_then(|f| f.write_all_at(&data, 100)))),
+            0 => (
+                "create",
+                out(OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&p)
+                    .and_then(|mut f| f.write_all(&data))),
+            ),
+            1 => (
+                "write",
+                out(OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.write_all_at(&data, 100))),
+            ),
             2 => ("read", out(fs::read(&p))),
             3 => ("rename", out(fs::rename(&p, &q))),
             4 => ("unlink", out(fs::remove_file(&p))),
             5 => ("link", out(fs::hard_link(&p, &q))),
-            6 => ("truncate", out(OpenOptions::new().write(true).open(&p).and_then(|f| f.set_len(50)))),
+            6 => (
+                "truncate",
+                out(OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.set_len(50))),
+            ),
             7 => ("mkdir", out(fs::create_dir(&p))),
             8 => ("rmdir", out(fs::remove_dir(&p))),
-            _ => ("setxattr", out(xattr::set(&p, "user.s", &data[..data.len().min(32)]))),
+            _ => (
+                "setxattr",
+                out(xattr::set(&p, "user.s", &data[..data.len().min(32)])),
+            ),
         };
         if let Err(e) = r {
             *self.shared_errs.entry(e).or_default() += 1;
             if BAD_ERRNOS.contains(&e) {
-                self.failures.push(format!("w{}: shared {desc} {}: {}", self.w, p.display(), ename(e)));
+                self.failures.push(format!(
+                    "w{}: shared {desc} {}: {}",
+                    self.w,
+                    p.display(),
+                    ename(e)
+                ));
             }
         }
     }
@@ -1668,7 +1887,13 @@ fn compare_with_model(mnt: &Path, w: usize, m: &Model) -> Vec<String> {
     let mut bad = Vec::new();
     let mut seen_dirs = BTreeSet::new();
     let mut seen_files = BTreeMap::new();
-    fn walk(p: &Path, rel: &str, d: &mut BTreeSet<String>, f: &mut BTreeMap<String, fs::Metadata>, bad: &mut Vec<String>) {
+    fn walk(
+        p: &Path,
+        rel: &str,
+        d: &mut BTreeSet<String>,
+        f: &mut BTreeMap<String, fs::Metadata>,
+        bad: &mut Vec<String>,
+    ) {
         d.insert(rel.to_string());
         let rd = match fs::read_dir(p) {
             Ok(rd) => rd,
@@ -1690,14 +1915,18 @@ fn compare_with_model(mnt: &Path, w: usize, m: &Model) -> Vec<String> {
     if seen_dirs != m.dirs {
         let extra: Vec<_> = seen_dirs.difference(&m.dirs).collect();
         let missing: Vec<_> = m.dirs.difference(&seen_dirs).collect();
-        bad.push(format!("w{w}: dirs not in the model {extra:?}, missing {missing:?}"));
+        bad.push(format!(
+            "w{w}: dirs not in the model {extra:?}, missing {missing:?}"
+        ));
     }
     let names: BTreeSet<&String> = seen_files.keys().collect();
     let model_names: BTreeSet<&String> = m.files.keys().collect();
     if names != model_names {
         let extra: Vec<_> = names.difference(&model_names).collect();
         let missing: Vec<_> = model_names.difference(&names).collect();
-        bad.push(format!("w{w}: files not in the model {extra:?}, missing {missing:?}"));
+        bad.push(format!(
+            "w{w}: files not in the model {extra:?}, missing {missing:?}"
+        ));
         return bad;
     }
     let mut ino_of: HashMap<u32, u64> = HashMap::new();
@@ -1706,23 +1935,37 @@ fn compare_with_model(mnt: &Path, w: usize, m: &Model) -> Vec<String> {
         let (data, xs) = &m.inodes[&ino];
         match fs::read(root.join(p)) {
             Ok(d) if d == *data => {}
-            Ok(d) => bad.push(format!("w{w}: {p}: {} bytes, model {}", d.len(), data.len())),
+            Ok(d) => bad.push(format!(
+                "w{w}: {p}: {} bytes, model {}",
+                d.len(),
+                data.len()
+            )),
             Err(e) => bad.push(format!("w{w}: read {p}: {e}")),
         }
         for k in 0..3 {
             let key = format!("user.k{k}");
             let v = xattr::get(root.join(p), &key).ok().flatten();
             if v.as_ref() != xs.get(&key) {
-                bad.push(format!("w{w}: {p}: xattr {key} {v:?}, model {:?}", xs.get(&key)));
+                bad.push(format!(
+                    "w{w}: {p}: xattr {key} {v:?}, model {:?}",
+                    xs.get(&key)
+                ));
             }
         }
         if md.nlink() != m.names_of(ino) as u64 {
-            bad.push(format!("w{w}: {p}: nlink {}, model {}", md.nlink(), m.names_of(ino)));
+            bad.push(format!(
+                "w{w}: {p}: nlink {}, model {}",
+                md.nlink(),
+                m.names_of(ino)
+            ));
         }
         if let Some(i) = ino_of.insert(ino, md.ino())
             && i != md.ino()
         {
-            bad.push(format!("w{w}: {p}: st_ino {} differs from its other name's {i}", md.ino()));
+            bad.push(format!(
+                "w{w}: {p}: st_ino {} differs from its other name's {i}",
+                md.ino()
+            ));
         }
     }
     bad
@@ -1781,7 +2024,11 @@ fn stress(seed: u64, mnt: &Path, models: &[Model], pid: Option<i32>, label: &str
         .collect();
     let mut res = StressResult::default();
     for (w, m) in models.iter().enumerate() {
-        res.failures.extend(compare_with_model(mnt, w, m).into_iter().map(|f| format!("{label} initial: {f}")));
+        res.failures.extend(
+            compare_with_model(mnt, w, m)
+                .into_iter()
+                .map(|f| format!("{label} initial: {f}")),
+        );
     }
     for round in 1..=ROUNDS {
         let mut handles = Vec::new();
@@ -1795,21 +2042,48 @@ fn stress(seed: u64, mnt: &Path, models: &[Model], pid: Option<i32>, label: &str
             }));
         }
         let t = Instant::now();
-        workers = watchdog(&format!("{label} round {round}"), mnt, Duration::from_secs(90), move || {
-            handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
-        });
+        workers = watchdog(
+            &format!("{label} round {round}"),
+            mnt,
+            Duration::from_secs(90),
+            move || {
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("worker panicked"))
+                    .collect()
+            },
+        );
         let el = t.elapsed();
         for wk in &workers {
-            res.failures.extend(compare_with_model(mnt, wk.w, &wk.model).into_iter().map(|f| format!("{label} round {round}: {f}")));
+            res.failures.extend(
+                compare_with_model(mnt, wk.w, &wk.model)
+                    .into_iter()
+                    .map(|f| format!("{label} round {round}: {f}")),
+            );
         }
-        res.failures.extend(check_shared(mnt).into_iter().map(|f| format!("{label} round {round}: shared: {f}")));
+        res.failures.extend(
+            check_shared(mnt)
+                .into_iter()
+                .map(|f| format!("{label} round {round}: shared: {f}")),
+        );
         if let Some(pid) = pid {
             assert!(alive(pid), "{label}: the daemon died in round {round}");
             res.rss.push(rss_kib(pid));
         }
-        println!("{label}: round {round}: {} ops in {el:?}, rss {:?} KiB", WORKERS * OPS_PER_ROUND, res.rss.last());
+        println!(
+            "{label}: round {round}: {} ops in {el:?}, rss {:?} KiB",
+            WORKERS * OPS_PER_ROUND,
+            res.rss.last()
+        );
     }
     for wk in workers {
+        // STRATAFS_STRESS_LOG=DIR keeps every worker's own-subtree operations, for a replay.
+        if let Some(dir) = std::env::var_os("STRATAFS_STRESS_LOG") {
+            let _ = fs::write(
+                Path::new(&dir).join(format!("{label}-w{}.log", wk.w)),
+                wk.hist.join("\n"),
+            );
+        }
         res.ops += wk.ops;
         res.failures.extend(wk.failures);
         for (e, n) in wk.own_errs {
@@ -1823,7 +2097,10 @@ fn stress(seed: u64, mnt: &Path, models: &[Model], pid: Option<i32>, label: &str
 }
 
 fn errs(m: &BTreeMap<i32, usize>) -> String {
-    m.iter().map(|(e, n)| format!("{}x{n}", ename(*e))).collect::<Vec<_>>().join(" ")
+    m.iter()
+        .map(|(e, n)| format!("{}x{n}", ename(*e)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]
@@ -1832,7 +2109,9 @@ fn stress_against_model_and_kernel() {
     let seed = seed("stress_against_model_and_kernel");
     let t = tmpdir();
     let (l1, l2) = (t.path().join("l1"), t.path().join("l2"));
-    let models: Vec<Model> = (0..WORKERS).map(|w| initial_model(seed, w, &l1, &l2)).collect();
+    let models: Vec<Model> = (0..WORKERS)
+        .map(|w| initial_model(seed, w, &l1, &l2))
+        .collect();
     mkdirs(&l2.join("shared/sd0"));
     mkdirs(&l1.join("shared/sd1"));
     for i in 0..5 {
@@ -1852,36 +2131,71 @@ fn stress_against_model_and_kernel() {
     drop(m);
 
     // The kernel's overlayfs, same layers, same seed.
-    let (ku, kw, kmnt) = (t.path().join("ku"), t.path().join("kw"), t.path().join("kmnt"));
+    let (ku, kw, kmnt) = (
+        t.path().join("ku"),
+        t.path().join("kw"),
+        t.path().join("kmnt"),
+    );
     mkdirs(&ku);
     mkdirs(&kw);
     let lower = format!("{}:{}", l1.display(), l2.display());
-    let opts = |extra: &str| format!("lowerdir={lower},upperdir={},workdir={}{extra}", ku.display(), kw.display());
-    let km = SysMount::new(&["-t", "overlay", "overlay", "-o", &opts(",index=on,redirect_dir=on")], &kmnt)
-        .or_else(|_| SysMount::new(&["-t", "overlay", "overlay", "-o", &opts("")], &kmnt))
-        .expect("mount the kernel's overlayfs");
+    let opts = |extra: &str| {
+        format!(
+            "lowerdir={lower},upperdir={},workdir={}{extra}",
+            ku.display(),
+            kw.display()
+        )
+    };
+    let km = SysMount::new(
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts(",index=on,redirect_dir=on"),
+        ],
+        &kmnt,
+    )
+    .or_else(|_| SysMount::new(&["-t", "overlay", "overlay", "-o", &opts("")], &kmnt))
+    .expect("mount the kernel's overlayfs");
     let theirs = stress(seed, &kmnt, &models, None, "kernel");
     drop(km);
 
     println!(
         "stress: stratafs {} ops, own errors [{}], shared errors [{}], rss KiB {:?}",
-        ours.ops, errs(&ours.own_errs), errs(&ours.shared_errs), ours.rss
+        ours.ops,
+        errs(&ours.own_errs),
+        errs(&ours.shared_errs),
+        ours.rss
     );
     println!(
         "stress: kernel {} ops, own errors [{}], shared errors [{}]",
-        theirs.ops, errs(&theirs.own_errs), errs(&theirs.shared_errs)
+        theirs.ops,
+        errs(&theirs.own_errs),
+        errs(&theirs.shared_errs)
     );
     assert_same_snapshot("top lower layer", &lower_before.0, &snapshot(&l1));
     assert_same_snapshot("bottom lower layer", &lower_before.1, &snapshot(&l2));
     // The model is checked against the kernel too: a disagreement there is a model bug.
-    assert!(theirs.failures.is_empty(), "kernel overlayfs disagrees with the model:\n{}", theirs.failures.join("\n"));
+    assert!(
+        theirs.failures.is_empty(),
+        "kernel overlayfs disagrees with the model:\n{}",
+        theirs.failures.join("\n")
+    );
     let mut f = ours.failures.clone();
     f.truncate(30);
-    assert!(f.is_empty(), "stratafs failures ({}):\n{}", ours.failures.len(), f.join("\n"));
+    assert!(
+        f.is_empty(),
+        "stratafs failures ({}):\n{}",
+        ours.failures.len(),
+        f.join("\n")
+    );
     // No error kind the kernel does not give (beyond what races between workers explain).
     for e in ours.shared_errs.keys().chain(ours.own_errs.keys()) {
         assert!(
-            RACE_ERRNOS.contains(e) || theirs.shared_errs.contains_key(e) || theirs.own_errs.contains_key(e),
+            RACE_ERRNOS.contains(e)
+                || theirs.shared_errs.contains_key(e)
+                || theirs.own_errs.contains_key(e),
             "stratafs gave {} which the kernel's overlayfs never gave",
             ename(*e)
         );
@@ -1899,7 +2213,12 @@ fn stress_against_model_and_kernel() {
 #[test]
 fn stress_ng_and_dbench() {
     let _s = serial();
-    let have = |b: &str| Command::new("sh").args(["-c", &format!("command -v {b}")]).output().is_ok_and(|o| o.status.success());
+    let have = |b: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {b}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     let t = tmpdir();
     let l = t.path().join("l");
     mkdirs(&l.join("lowerdata"));
@@ -1918,15 +2237,44 @@ fn stress_ng_and_dbench() {
             let dir = mnt.join("sng");
             move || {
                 Command::new("stress-ng")
-                    .args(["--dir", "2", "--rename", "2", "--link", "2", "--symlink", "1", "--timeout", "10s", "--metrics-brief", "--temp-path"])
+                    .args([
+                        "--dir",
+                        "2",
+                        "--rename",
+                        "2",
+                        "--link",
+                        "2",
+                        "--symlink",
+                        "1",
+                        "--timeout",
+                        "10s",
+                        "--metrics-brief",
+                        "--temp-path",
+                    ])
                     .arg(&dir)
                     .current_dir(&dir)
                     .output()
                     .expect("stress-ng")
             }
         });
-        println!("stress-ng: {}", String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("stressor") || l.contains("bogo") || l.contains(" dir ") || l.contains(" rename ") || l.contains(" link ")).collect::<Vec<_>>().join("\n"));
-        assert!(out.status.success(), "stress-ng failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        println!(
+            "stress-ng: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| l.contains("stressor")
+                    || l.contains("bogo")
+                    || l.contains(" dir ")
+                    || l.contains(" rename ")
+                    || l.contains(" link "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(
+            out.status.success(),
+            "stress-ng failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_alive(&m, pid, "stress-ng");
         ran += 1;
     } else {
@@ -1946,8 +2294,18 @@ fn stress_ng_and_dbench() {
             }
         });
         let text = String::from_utf8_lossy(&out.stdout);
-        println!("dbench: {}", text.lines().filter(|l| l.contains("Throughput") || l.contains("Operation")).collect::<Vec<_>>().join("\n"));
-        assert!(out.status.success(), "dbench failed ({}): {text}", out.status);
+        println!(
+            "dbench: {}",
+            text.lines()
+                .filter(|l| l.contains("Throughput") || l.contains("Operation"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(
+            out.status.success(),
+            "dbench failed ({}): {text}",
+            out.status
+        );
         assert!(text.contains("Throughput"), "dbench did not finish: {text}");
         assert_alive(&m, pid, "dbench");
         ran += 1;
@@ -1956,7 +2314,10 @@ fn stress_ng_and_dbench() {
     }
     // The lower data is still all there, and the mount still answers.
     for i in 0..50 {
-        assert_eq!(fs::read_to_string(mnt.join(format!("lowerdata/f{i}"))).unwrap(), i.to_string());
+        assert_eq!(
+            fs::read_to_string(mnt.join(format!("lowerdata/f{i}"))).unwrap(),
+            i.to_string()
+        );
     }
     m.umount();
     println!("stress-ng/dbench: {ran} of 2 ran");
@@ -1979,7 +2340,12 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
     mkdirs(&canary.join("sub"));
     fs::write(canary.join("secret"), b"outside the layers").unwrap();
     fs::write(canary.join("sub/inner"), b"inner").unwrap();
-    let (l1, l2, u, w) = (t.path().join("l1"), t.path().join("l2"), t.path().join("u"), t.path().join("w"));
+    let (l1, l2, u, w) = (
+        t.path().join("l1"),
+        t.path().join("l2"),
+        t.path().join("u"),
+        t.path().join("w"),
+    );
     // The mount sits deeper, so a relative link followed by the caller lands nowhere real.
     let mnt = t.path().join("deep/er/mnt");
     for p in [&l1, &l2, &u, &w] {
@@ -2009,7 +2375,14 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
     // Upper layer: a dir over a lower symlink, and crafted redirects.
     mkdirs(&u.join("x"));
     fs::write(u.join("x/up"), b"up").unwrap();
-    for (d, r) in [("r1", "/../canary"), ("r2", "../canary"), ("r3", "/canary_abs"), ("r4", "/m2"), ("r5", "/a/b/dd"), ("r6", "/dotdot")] {
+    for (d, r) in [
+        ("r1", "/../canary"),
+        ("r2", "../canary"),
+        ("r3", "/canary_abs"),
+        ("r4", "/m2"),
+        ("r5", "/a/b/dd"),
+        ("r6", "/dotdot"),
+    ] {
         mkdirs(&u.join(d));
         set_trusted(&u.join(d), "trusted.overlay.redirect", r.as_bytes());
     }
@@ -2024,13 +2397,18 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
         checks += 1;
         match fs::read_dir(mnt.join(dir)) {
             Ok(rd) => {
-                let names: Vec<String> = rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+                let names: Vec<String> = rd
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
                 assert!(
                     !names.iter().any(|n| canary_names.contains(&n.as_str())),
                     "{dir} shows the canary's entries: {names:?}"
                 );
                 for n in canary_names {
-                    assert!(fs::symlink_metadata(mnt.join(dir).join(n)).is_err(), "{dir}/{n} is reachable");
+                    assert!(
+                        fs::symlink_metadata(mnt.join(dir).join(n)).is_err(),
+                        "{dir}/{n} is reachable"
+                    );
                 }
             }
             Err(e) => println!("escape: {dir}: {e}"),
@@ -2042,25 +2420,54 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
     }
     assert_eq!(entries(&mnt.join("x")), ["up"]);
     assert_eq!(entries(&mnt.join("m2")), ["own"]);
-    assert!(fs::symlink_metadata(mnt.join("sym_over_dir")).unwrap().file_type().is_symlink());
-    for (n, target) in [("root_link", "/".to_string()), ("etc_link", "/etc".into()), ("canary_abs", c.clone()), ("dotdot", "../canary".into()), ("a/b/dd", "../../../canary".into())] {
-        assert_eq!(fs::read_link(mnt.join(n)).unwrap(), Path::new(&target), "{n}");
+    assert!(
+        fs::symlink_metadata(mnt.join("sym_over_dir"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    for (n, target) in [
+        ("root_link", "/".to_string()),
+        ("etc_link", "/etc".into()),
+        ("canary_abs", c.clone()),
+        ("dotdot", "../canary".into()),
+        ("a/b/dd", "../../../canary".into()),
+    ] {
+        assert_eq!(
+            fs::read_link(mnt.join(n)).unwrap(),
+            Path::new(&target),
+            "{n}"
+        );
     }
     // Changes of the links themselves (never their targets).
-    std::os::unix::fs::lchown(mnt.join("canary_abs"), Some(1234), Some(1234)).expect("lchown a symlink");
-    assert_eq!(fs::symlink_metadata(mnt.join("canary_abs")).unwrap().uid(), 1234);
+    std::os::unix::fs::lchown(mnt.join("canary_abs"), Some(1234), Some(1234))
+        .expect("lchown a symlink");
+    assert_eq!(
+        fs::symlink_metadata(mnt.join("canary_abs")).unwrap().uid(),
+        1234
+    );
     let xr = xattr::set(mnt.join("chain2"), "trusted.t", b"1");
     println!("escape: lsetxattr on a symlink: {xr:?}");
-    let st = Command::new("touch").args(["-h", "-d", "2001-01-01"]).arg(mnt.join("dotdot")).status().unwrap();
+    let st = Command::new("touch")
+        .args(["-h", "-d", "2001-01-01"])
+        .arg(mnt.join("dotdot"))
+        .status()
+        .unwrap();
     assert!(st.success(), "touch -h on a symlink");
     fs::rename(mnt.join("etc_link"), mnt.join("etc_link_moved")).expect("rename a symlink");
     fs::hard_link(mnt.join("chain1"), mnt.join("chain1_link")).expect("link a symlink");
-    assert_eq!(fs::read_link(mnt.join("chain1_link")).unwrap(), Path::new("chain2"));
+    assert_eq!(
+        fs::read_link(mnt.join("chain1_link")).unwrap(),
+        Path::new("chain2")
+    );
     // Copy-up of the links' parent, then an O(1) rename of it.
     fs::set_permissions(mnt.join("a/b"), fs::Permissions::from_mode(0o750)).expect("chmod a/b");
     fs::write(mnt.join("a/b/new"), b"new").expect("create in a/b");
     fs::rename(mnt.join("a"), mnt.join("a_moved")).expect("rename a");
-    assert_eq!(fs::read_link(mnt.join("a_moved/b/dd")).unwrap(), Path::new("../../../canary"));
+    assert_eq!(
+        fs::read_link(mnt.join("a_moved/b/dd")).unwrap(),
+        Path::new("../../../canary")
+    );
     // Creates in the merged dirs that sit over links.
     for d in ["x", "m2", "r3", "r4"] {
         fs::write(mnt.join(d).join("new"), b"new").unwrap_or_else(|e| panic!("create in {d}: {e}"));
@@ -2068,23 +2475,56 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
     // O_NOFOLLOW opens of the links fail in the caller, as anywhere.
     expect_errno(
         "O_NOFOLLOW write open of a symlink",
-        OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(mnt.join("canary_abs")),
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(mnt.join("canary_abs")),
         &[libc::ELOOP],
     );
     // Markers cannot be made through the mount.
-    assert!(File::create(mnt.join(".wh.secret")).is_err(), "a .wh. name was created");
-    assert!(xattr::set(mnt.join("m2"), "trusted.overlay.opaque", b"y").is_err(), "overlay.opaque set through the mount");
-    assert!(xattr::set(mnt.join("m2"), "trusted.overlay.redirect", b"/../canary").is_err(), "overlay.redirect set through the mount");
-    assert!(xattr::get(mnt.join("r4"), "trusted.overlay.redirect").ok().flatten().is_none(), "a redirect xattr shows through the mount");
+    assert!(
+        File::create(mnt.join(".wh.secret")).is_err(),
+        "a .wh. name was created"
+    );
+    assert!(
+        xattr::set(mnt.join("m2"), "trusted.overlay.opaque", b"y").is_err(),
+        "overlay.opaque set through the mount"
+    );
+    assert!(
+        xattr::set(mnt.join("m2"), "trusted.overlay.redirect", b"/../canary").is_err(),
+        "overlay.redirect set through the mount"
+    );
+    assert!(
+        xattr::get(mnt.join("r4"), "trusted.overlay.redirect")
+            .ok()
+            .flatten()
+            .is_none(),
+        "a redirect xattr shows through the mount"
+    );
     // Deletes: of the links, of dirs over links, of the link over a dir.
-    for d in ["x", "m2", "sym_over_dir", "root_link", "canary_abs", "dotdot", "a_moved"] {
+    for d in [
+        "x",
+        "m2",
+        "sym_over_dir",
+        "root_link",
+        "canary_abs",
+        "dotdot",
+        "a_moved",
+    ] {
         let p = mnt.join(d);
-        let r = if fs::symlink_metadata(&p).unwrap().is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        let r = if fs::symlink_metadata(&p).unwrap().is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
         r.unwrap_or_else(|e| panic!("rm -rf {d}: {e}"));
         assert!(fs::symlink_metadata(&p).is_err(), "{d} still there");
     }
     // Unprivileged callers: default_permissions is enforced.
-    assert_eq!(as_nobody("create", &mnt.join("by_nobody")), Err(libc::EACCES));
+    assert_eq!(
+        as_nobody("create", &mnt.join("by_nobody")),
+        Err(libc::EACCES)
+    );
     fs::write(mnt.join("root600"), b"root only").unwrap();
     fs::set_permissions(mnt.join("root600"), fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(as_nobody("read", &mnt.join("root600")), Err(libc::EACCES));
@@ -2095,7 +2535,11 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
     assert_same_snapshot("top lower layer", &before.1, &snapshot(&l1));
     assert_same_snapshot("bottom lower layer", &before.2, &snapshot(&l2));
     let p2 = fs::symlink_metadata("/etc/passwd").unwrap();
-    assert_eq!((passwd.mtime(), passwd.ctime(), passwd.uid()), (p2.mtime(), p2.ctime(), p2.uid()), "/etc/passwd touched");
+    assert_eq!(
+        (passwd.mtime(), passwd.ctime(), passwd.uid()),
+        (p2.mtime(), p2.ctime(), p2.uid()),
+        "/etc/passwd touched"
+    );
     // Nothing new anywhere in the test dir but the upper, work and mount dirs.
     assert_eq!(entries(t.path()), ["canary", "deep", "l1", "l2", "u", "w"]);
     println!("escape: {checks} merged dirs checked, canary unchanged");
@@ -2106,18 +2550,65 @@ fn escape_symlinks_and_crafted_markers_stay_inside_the_layers() {
 // ---------------------------------------------------------------------------------------------
 
 const TOKENS: &[&str] = &[
-    "lowerdir=", "upperdir=", "workdir=", ",", ":", "\\", "\\,", "\\:", "\\\\", "=", "a", "/", "/x/y",
-    "metacopy=", "on", "off", "uidmapping=", "gidmapping=", "0", "1", "2", "65536", "4294967295",
-    "squash_to_uid=", "squash_to_root", "xattr_permissions=", "index=", "redirect_dir=", "follow",
-    "ro", "x-foo", "é", "\0", " ", "fsname=", "subtype=", "volatile", "timeout", "-", "+", "777",
+    "lowerdir=",
+    "upperdir=",
+    "workdir=",
+    ",",
+    ":",
+    "\\",
+    "\\,",
+    "\\:",
+    "\\\\",
+    "=",
+    "a",
+    "/",
+    "/x/y",
+    "metacopy=",
+    "on",
+    "off",
+    "uidmapping=",
+    "gidmapping=",
+    "0",
+    "1",
+    "2",
+    "65536",
+    "4294967295",
+    "squash_to_uid=",
+    "squash_to_root",
+    "xattr_permissions=",
+    "index=",
+    "redirect_dir=",
+    "follow",
+    "ro",
+    "x-foo",
+    "é",
+    "\0",
+    " ",
+    "fsname=",
+    "subtype=",
+    "volatile",
+    "timeout",
+    "-",
+    "+",
+    "777",
 ];
 
 fn random_text(rng: &mut StdRng) -> String {
-    (0..rng.random_range(0..14)).map(|_| *pick(rng, TOKENS).unwrap()).collect()
+    (0..rng.random_range(0..14))
+        .map(|_| *pick(rng, TOKENS).unwrap())
+        .collect()
 }
 
 fn escape_layer(p: &str) -> String {
-    p.chars().flat_map(|c| if c == '\\' || c == ':' { vec!['\\', c] } else { vec![c] }).collect()
+    p.chars()
+        .flat_map(|c| {
+            if c == '\\' || c == ':' {
+                vec!['\\', c]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 const PROP_ITERS: usize = 20_000;
@@ -2136,14 +2627,23 @@ fn property_mount_option_parser() {
             accepted += 1;
             let mut again = MountOptions::default();
             for i in &items {
-                again.parse_into(&i.replace(',', "\\,")).unwrap_or_else(|e| panic!("{s:?}: item {i:?}: {e}"));
+                again
+                    .parse_into(&i.replace(',', "\\,"))
+                    .unwrap_or_else(|e| panic!("{s:?}: item {i:?}: {e}"));
             }
             assert_eq!(&again, o, "{s:?}");
         }
         if let Ok(layers) = split_lowerdir(&s) {
-            let strs: Vec<String> = layers.iter().map(|p| p.to_str().unwrap().to_string()).collect();
+            let strs: Vec<String> = layers
+                .iter()
+                .map(|p| p.to_str().unwrap().to_string())
+                .collect();
             assert!(strs.iter().all(|l| !l.is_empty()), "{s:?}");
-            let joined = strs.iter().map(|l| escape_layer(l)).collect::<Vec<_>>().join(":");
+            let joined = strs
+                .iter()
+                .map(|l| escape_layer(l))
+                .collect::<Vec<_>>()
+                .join(":");
             assert_eq!(split_lowerdir(&joined).unwrap(), layers, "{s:?}");
         }
     }
@@ -2156,11 +2656,32 @@ fn property_idmap_and_override_stat() {
     let mut rng = StdRng::seed_from_u64(seed("property_idmap_and_override_stat"));
     let mut maps = 0;
     for _ in 0..PROP_ITERS {
-        let s = random_text(&mut rng);
+        let s = if rng.random_bool(0.5) {
+            let n = rng.random_range(1..8);
+            let nums: Vec<String> = (0..n)
+                .map(|_| match rng.random_range(0..4) {
+                    0 => rng.random::<u32>().to_string(),
+                    1 => "4294967295".to_string(),
+                    2 => rng.random_range(0..3u32).to_string(),
+                    _ => rng.random_range(0..100_000u32).to_string(),
+                })
+                .collect();
+            format!(
+                "{}{}",
+                if rng.random_bool(0.3) { ":" } else { "" },
+                nums.join(":")
+            )
+        } else {
+            random_text(&mut rng)
+        };
         if let Ok(m) = IdMap::parse(&s) {
             maps += 1;
             for _ in 0..8 {
-                let id: u32 = if rng.random_bool(0.5) { rng.random() } else { rng.random_range(0..70000) };
+                let id: u32 = if rng.random_bool(0.5) {
+                    rng.random()
+                } else {
+                    rng.random_range(0..70000)
+                };
                 if let Some(h) = m.to_host(id) {
                     let _ = m.to_container(h);
                 }
@@ -2168,7 +2689,11 @@ fn property_idmap_and_override_stat() {
             }
         }
         // Well-formed mappings of non-overlapping ranges round-trip.
-        let (c, h, n) = (rng.random_range(0..1000u32), rng.random_range(0..1_000_000u32), rng.random_range(1..70000u32));
+        let (c, h, n) = (
+            rng.random_range(0..1000u32),
+            rng.random_range(0..1_000_000u32),
+            rng.random_range(1..70000u32),
+        );
         let m = IdMap::parse(&format!(":{c}:{h}:{n}")).unwrap();
         let id = c + rng.random_range(0..n);
         assert_eq!(m.to_container(m.to_host(id).unwrap()), id);
@@ -2180,7 +2705,12 @@ fn property_idmap_and_override_stat() {
                 assert_eq!(Override::parse(&o.encode()), Some(o.clone()), "{s:?}");
             }
         }
-        let o = Override { uid: rng.random(), gid: rng.random(), mode: rng.random_range(0..0o10000), kind: None };
+        let o = Override {
+            uid: rng.random(),
+            gid: rng.random(),
+            mode: rng.random_range(0..0o10000),
+            kind: None,
+        };
         assert_eq!(Override::parse(&o.encode()), Some(o));
     }
     println!("property_idmap_and_override_stat: {PROP_ITERS} inputs, {maps} mappings parsed");
@@ -2188,7 +2718,9 @@ fn property_idmap_and_override_stat() {
 
 #[test]
 fn property_origin_and_marker_names() {
-    use stratafs::overlay::layer::{decode_origin, is_marker_name, is_private_xattr, whiteout_name};
+    use stratafs::overlay::layer::{
+        decode_origin, is_marker_name, is_private_xattr, whiteout_name,
+    };
     let mut rng = StdRng::seed_from_u64(seed("property_origin_and_marker_names"));
     for _ in 0..PROP_ITERS {
         let len = rng.random_range(0..20);
@@ -2204,10 +2736,20 @@ fn property_origin_and_marker_names() {
         assert_eq!(&wh.as_bytes()[4..], &data[..]);
         let _ = is_private_xattr(name);
     }
-    for x in ["trusted.overlay.opaque", "user.overlay.redirect", "trusted.stratafs.origin", "user.fuseoverlayfs.opaque"] {
+    for x in [
+        "trusted.overlay.opaque",
+        "user.overlay.redirect",
+        "trusted.stratafs.origin",
+        "user.fuseoverlayfs.opaque",
+    ] {
         assert!(is_private_xattr(OsStr::new(x)), "{x}");
     }
-    for x in ["user.k", "security.capability", "trusted.overlay", "user.overlayx"] {
+    for x in [
+        "user.k",
+        "security.capability",
+        "trusted.overlay",
+        "user.overlayx",
+    ] {
         assert!(!is_private_xattr(OsStr::new(x)), "{x}");
     }
     println!("property_origin_and_marker_names: {PROP_ITERS} inputs");

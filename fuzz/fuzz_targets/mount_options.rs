@@ -45,7 +45,11 @@ fuzz_target!(|data: &[u8]| {
             .map(|p| p.to_str().expect("utf-8 in, utf-8 out").to_string())
             .collect();
         assert!(strs.iter().all(|l| !l.is_empty()));
-        let joined = strs.iter().map(|l| escape_layer(l)).collect::<Vec<_>>().join(":");
+        let joined = strs
+            .iter()
+            .map(|l| escape_layer(l))
+            .collect::<Vec<_>>()
+            .join(":");
         assert_eq!(split_lowerdir(&joined).expect("re-split"), layers);
     }
 });
