@@ -28,6 +28,10 @@ pub struct Profile {
     pub stratafs_opts: &'static str,
     /// Options for the kernel mount of the stratafs upper; `None` skips that check.
     pub cross_opts: Option<&'static str>,
+    /// Compare file content in the upper layers. Off with metacopy: which of the two keeps
+    /// data or only metadata in an upper file is an implementation choice (the merged view,
+    /// always compared in full, is what must agree).
+    pub upper_content: bool,
 }
 
 /// The kernel's defaults on most distributions, spelled out (module parameters may differ):
@@ -38,6 +42,7 @@ pub const COMPAT: Profile = Profile {
     kernel_opts: "redirect_dir=off,index=off,metacopy=off",
     stratafs_opts: "redirect_dir=off,index=off,metacopy=off",
     cross_opts: Some("redirect_dir=off,index=off,metacopy=off"),
+    upper_content: true,
 };
 
 /// stratafs defaults (redirect_dir, metacopy and index on) against the kernel with the same
@@ -49,6 +54,7 @@ pub const NATIVE: Profile = Profile {
     kernel_opts: "redirect_dir=on,index=on,metacopy=on",
     stratafs_opts: "",
     cross_opts: None,
+    upper_content: false,
 };
 
 /// Both mounts of a running comparison; operations go through [`Driver::step`].
@@ -89,6 +95,7 @@ impl Driver {
             ino: false,
             links: true,
             root_attrs: true,
+            content: true,
         }
     }
 
@@ -167,8 +174,8 @@ pub fn run(
         log,
         ..
     } = d;
-    kernel.unmount();
-    stratafs.unmount();
+    failures.extend(kernel.unmount_checked().err());
+    failures.extend(stratafs.unmount_checked().err());
 
     {
         let ku = tree::snapshot(&fk.upper, Snap::UPPER);
@@ -180,6 +187,11 @@ pub fn run(
             ino: false,
             links: true,
             root_attrs: true,
+            content: true,
+        };
+        let upper_cmp = Cmp {
+            content: profile.upper_content,
+            ..cmp
         };
         failures.extend(diff_block(
             "upper layers after unmount",
@@ -187,7 +199,7 @@ pub fn run(
             "kernel upper",
             &su,
             "stratafs upper",
-            cmp,
+            upper_cmp,
         ));
 
         if let Some(opts) = profile.cross_opts {

@@ -742,16 +742,23 @@ fn mknod_fifo_and_char_device() {
         (Kind::Char, Some((1, 3)))
     );
     assert_eq!((e("blk").kind, e("blk").rdev), (Kind::Block, Some((7, 1))));
-    assert_errno(
-        "mknod c 0 0 (the whiteout device)",
-        sys::mknod(&m.join("dev/wh"), libc::S_IFCHR | 0o600, 0, 0),
-        // The kernel refuses 0/0 through an overlay too: it would be read back as a whiteout.
-        libc::EPERM,
-    );
+    // By design stratafs differs from the kernel here: the kernel refuses `mknod c 0 0`
+    // through an overlay (EPERM); stratafs makes a real device (pjdfstest expects mknod to
+    // work), marked `trusted.stratafs.device` in the upper so it is not read as a whiteout.
+    sys::mknod(&m.join("dev/zero0"), libc::S_IFCHR | 0o600, 0, 0).expect("mknod c 0 0");
+    let md = fs::symlink_metadata(m.join("dev/zero0")).expect("a 0/0 device is visible");
+    assert_eq!((md.mode() & libc::S_IFMT, md.rdev()), (libc::S_IFCHR, 0));
+    assert!(names(&m.join("dev")).contains("zero0"));
     m.unmount();
     let up = tree::snapshot(&fx.upper.join("dev"), Snap::UPPER);
     assert_eq!(up.entries["null2"].rdev, Some((1, 3)));
     assert_eq!(up.entries["fifo"].kind, Kind::Fifo);
+    let m = fx.mount_stratafs("");
+    assert!(
+        names(&m.join("dev")).contains("zero0"),
+        "user-made 0/0 device must survive a remount (not turn into a whiteout)"
+    );
+    m.unmount();
     fx.assert_lowers_unchanged();
 }
 

@@ -169,8 +169,7 @@ pub fn mount_info(path: &Path) -> Option<MountInfo> {
                 super_options: p.get(2).map(|s| s.to_string()).unwrap_or_default(),
             })
         })
-        .filter(|m| m.mount_point == want)
-        .next_back()
+        .rfind(|m| m.mount_point == want)
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -357,25 +356,37 @@ impl Mount {
     }
 
     /// Unmounts now and checks that it worked (and that a stratafs daemon exited).
-    pub fn unmount(mut self) {
+    pub fn unmount(self) {
+        if let Err(e) = self.unmount_checked() {
+            panic!("{e}");
+        }
+    }
+
+    /// As [`Mount::unmount`], returning what went wrong instead of panicking.
+    pub fn unmount_checked(mut self) -> Result<(), String> {
         let r = self.try_unmount();
         self.live = false;
-        if let Err(e) = r {
-            panic!("unmount {} failed: {e}", self.path.display());
+        r.map_err(|e| format!("unmount {} failed: {e}", self.path.display()))?;
+        if is_mounted(&self.path) {
+            return Err(format!(
+                "{} still mounted after umount",
+                self.path.display()
+            ));
         }
-        assert!(
-            !is_mounted(&self.path),
-            "{} still mounted after umount",
-            self.path.display()
-        );
-        if self.backend == Backend::Stratafs {
-            assert!(
-                wait_daemon_gone(&self.path, Duration::from_secs(10)),
-                "stratafs daemon for {} still running 10s after unmount: pids {:?}",
+        if self.backend == Backend::Stratafs
+            && !wait_daemon_gone(&self.path, Duration::from_secs(10))
+        {
+            let pids = daemon_pids(&self.path);
+            return Err(format!(
+                "stratafs daemon for {} still running 10s after unmount: {}",
                 self.path.display(),
-                daemon_pids(&self.path)
-            );
+                pids.iter()
+                    .map(|p| describe_process(*p))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
         }
+        Ok(())
     }
 
     /// Tells the guard the mount is gone already (unmounted by the test itself).
@@ -417,4 +428,25 @@ impl Drop for Mount {
             wait_daemon_gone(&self.path, Duration::from_secs(2));
         }
     }
+}
+
+/// pid, state and each thread's name and wait channel, for a daemon that did not exit.
+pub fn describe_process(pid: u32) -> String {
+    let dir = format!("/proc/{pid}");
+    let state = fs::read_to_string(format!("{dir}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim().chars().next().unwrap_or('?'))
+        })
+        .unwrap_or('?');
+    let mut threads = Vec::new();
+    if let Ok(rd) = fs::read_dir(format!("{dir}/task")) {
+        for t in rd.flatten() {
+            let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            threads.push(format!("{}:{}", comm.trim(), wchan.trim()));
+        }
+    }
+    format!("pid {pid} state {state} threads [{}]", threads.join(", "))
 }

@@ -377,6 +377,8 @@ pub struct Cmp<'a> {
     pub links: bool,
     /// Compare the owner/mode/mtime of the root directory.
     pub root_attrs: bool,
+    /// Compare size and content of regular files.
+    pub content: bool,
 }
 
 impl Cmp<'_> {
@@ -387,6 +389,7 @@ impl Cmp<'_> {
         ino: true,
         links: true,
         root_attrs: true,
+        content: true,
     };
 }
 
