@@ -460,7 +460,7 @@ mod tests {
         assert_eq!(o.lowers.len(), 2);
         assert!(o.volatile);
         assert!(o.ignored.is_empty());
-        assert_eq!(o.ownership.uids.to_host(0), Some(300000));
+        assert_eq!(o.ownership.uids.to_container(0), 300000);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use thiserror::Error;
 pub const OVERFLOW_ID: u32 = 65534;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("bad id mapping '{0}': expected CONTAINER:HOST:SIZE[:CONTAINER:HOST:SIZE...]")]
+#[error("bad id mapping '{0}': expected DISK:SHOWN:SIZE[:DISK:SHOWN:SIZE...]")]
 pub struct MapError(pub String);
 
 /// One direction-agnostic id mapping: ranges of (container id, host id, length).
@@ -24,7 +24,8 @@ pub struct IdMap {
 }
 
 impl IdMap {
-    /// Parses `C:H:N[:C:H:N...]`; a leading `:` (as podman writes it) is allowed.
+    /// Parses `DISK:SHOWN:N[:DISK:SHOWN:N...]` (fuse-overlayfs's `uidmapping=` syntax); a leading
+    /// `:` (as podman writes it) is allowed.
     pub fn parse(s: &str) -> Result<IdMap, MapError> {
         let bad = || MapError(s.to_string());
         let body = s.strip_prefix(':').unwrap_or(s);
@@ -37,7 +38,9 @@ impl IdMap {
         }
         let mut ranges = Vec::new();
         for c in nums.chunks(3) {
-            let (cont, host, len) = (c[0], c[1], c[2]);
+            // fuse-overlayfs's direction, which podman relies on: an id stored on disk as
+            // FIRST+i shows through the mount as SECOND+i.
+            let (host, cont, len) = (c[0], c[1], c[2]);
             if len == 0
                 || cont.checked_add(len - 1).is_none()
                 || host.checked_add(len - 1).is_none()
@@ -197,17 +200,18 @@ mod tests {
 
     #[test]
     fn parses_podman_mappings() {
+        // Stored as 0..65536 on disk, shown as 300000.. through the mount.
         let m = IdMap::parse(":0:300000:65536").unwrap();
-        assert_eq!(m.to_host(0), Some(300000));
-        assert_eq!(m.to_host(65535), Some(365535));
-        assert_eq!(m.to_host(65536), None);
-        assert_eq!(m.to_container(300005), 5);
-        assert_eq!(m.to_container(5), OVERFLOW_ID);
+        assert_eq!(m.to_container(0), 300000);
+        assert_eq!(m.to_container(65535), 365535);
+        assert_eq!(m.to_container(65536), OVERFLOW_ID);
+        assert_eq!(m.to_host(300005), Some(5));
+        assert_eq!(m.to_host(5), None);
     }
 
     #[test]
     fn several_ranges() {
-        let m = IdMap::parse("0:1000:1:1:100000:65536").unwrap();
+        let m = IdMap::parse("1000:0:1:100000:1:65536").unwrap();
         assert_eq!(m.to_host(0), Some(1000));
         assert_eq!(m.to_host(1), Some(100000));
         assert_eq!(m.to_container(1000), 0);
@@ -235,7 +239,7 @@ mod tests {
     #[test]
     fn squash_wins_over_mapping() {
         let own = Ownership {
-            uids: IdMap::parse("0:1000:10").unwrap(),
+            uids: IdMap::parse("1000:0:10").unwrap(),
             squash_uid: Some(0),
             ..Default::default()
         };
