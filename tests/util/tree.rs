@@ -448,12 +448,14 @@ pub fn diff(a_name: &str, a: &Tree, b_name: &str, b: &Tree, cmp: Cmp) -> Vec<Str
                         format!("{}:{}", y.uid, y.gid),
                     );
                 }
-                f("size", format!("{:?}", x.size), format!("{:?}", y.size));
-                f(
-                    "sha256",
-                    format!("{:?}", x.sha256),
-                    format!("{:?}", y.sha256),
-                );
+                if cmp.content || x.kind != Kind::File || y.kind != Kind::File {
+                    f("size", format!("{:?}", x.size), format!("{:?}", y.size));
+                    f(
+                        "sha256",
+                        format!("{:?}", x.sha256),
+                        format!("{:?}", y.sha256),
+                    );
+                }
                 f(
                     "target",
                     format!("{:?}", x.target),
