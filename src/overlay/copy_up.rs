@@ -189,8 +189,48 @@ impl OverlayFs {
         Ok((Arc::new(fd), meta))
     }
 
+    /// Puts a copy of the lower hard link `src` into the index only (no name in the upper
+    /// layer), or returns the index entry that exists: done before a name of it goes away, so
+    /// the other names keep one inode and a link count.
+    pub(super) fn index_only(
+        &self,
+        parent: &Arc<Node>,
+        src: BorrowedFd<'_>,
+        st_ino: u64,
+    ) -> io::Result<Arc<OwnedFd>> {
+        if let Some((fd, _)) = self.index_lookup(st_ino)? {
+            return Ok(fd);
+        }
+        self.copy_up(parent, CopyUp::Meta)?;
+        let work = self.work()?;
+        let index = self.index.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let st = sys::fstat(src)?;
+        let tmp = self.tmp_name();
+        let built = self
+            .build_copy(work, &tmp, src, src, &st, CopyUp::Data, false, st_ino)
+            .and_then(|()| {
+                sys::set_xattr(
+                    sys_fd_of(work, &tmp)?.as_fd(),
+                    self.style.nlink_xattr(),
+                    &(st.st_nlink as u32).to_le_bytes(),
+                    0,
+                )
+            })
+            .and_then(|()| sys::linkat(work, &tmp, index.as_fd(), &super::index_name(st_ino)));
+        let _ = super::dir::remove_entry(work, &tmp);
+        match built {
+            Ok(()) => {}
+            // Someone indexed it meanwhile: theirs counts.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+        self.index_lookup(st_ino)?
+            .map(|(fd, _)| fd)
+            .ok_or_else(|| errno(libc::EIO))
+    }
+
     /// Links the indexed inode `index` as `name` in `parent`'s upper directory.
-    fn link_indexed(
+    pub(super) fn link_indexed(
         &self,
         parent: &Arc<Node>,
         name: &OsStr,

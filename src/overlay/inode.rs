@@ -4,7 +4,7 @@
 //! Locking happens only inside this file and inside each node's own `RwLock`; no lock here is held
 //! across I/O.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -74,6 +74,8 @@ pub struct NodeState {
     pub index: Option<Arc<OwnedFd>>,
     /// The name was removed while the kernel still held the inode (open files).
     pub unlinked: bool,
+    /// Other names this object was seen under (hard links), besides `parent`/`name`.
+    pub aliases: Vec<(Arc<Node>, OsString)>,
 }
 
 impl NodeState {
@@ -100,6 +102,63 @@ impl NodeState {
     /// Does a lower layer hold this object (so removing it needs a whiteout)?
     pub fn in_lower(&self) -> bool {
         !self.lowers.is_empty()
+    }
+
+    /// Records that the object was seen as `parent/name`, which becomes its primary name.
+    pub fn note_name(&mut self, parent: &Arc<Node>, name: &OsStr) {
+        let same = |p: &Arc<Node>, n: &OsStr| p.st_ino == parent.st_ino && n == name;
+        if let Some(p) = &self.parent
+            && same(p, &self.name)
+        {
+            return;
+        }
+        self.aliases.retain(|(p, n)| !same(p, n));
+        if let Some(old) = self.parent.take() {
+            self.aliases.push((old, std::mem::take(&mut self.name)));
+            if self.aliases.len() > 16 {
+                self.aliases.remove(0);
+            }
+        }
+        self.parent = Some(parent.clone());
+        self.name = name.to_os_string();
+        self.unlinked = false;
+    }
+
+    /// Forgets the name `parent/name` (removed); the object is unlinked once it has no known
+    /// name left.
+    pub fn drop_name(&mut self, parent: u64, name: &OsStr) {
+        let primary = self
+            .parent
+            .as_ref()
+            .is_some_and(|p| p.st_ino == parent && self.name == name);
+        if primary {
+            match self.aliases.pop() {
+                Some((p, n)) => {
+                    self.parent = Some(p);
+                    self.name = n;
+                }
+                None => self.unlinked = true,
+            }
+        } else {
+            self.aliases
+                .retain(|(p, n)| !(p.st_ino == parent && n.as_os_str() == name));
+        }
+    }
+
+    /// Renames the known name `from` to `to`.
+    pub fn move_name(&mut self, from: (u64, &OsStr), to: (&Arc<Node>, &OsStr)) {
+        let primary = self
+            .parent
+            .as_ref()
+            .is_some_and(|p| p.st_ino == from.0 && self.name == from.1);
+        if primary {
+            self.parent = Some(to.0.clone());
+            self.name = to.1.to_os_string();
+        } else {
+            self.aliases
+                .retain(|(p, n)| !(p.st_ino == from.0 && n.as_os_str() == from.1));
+            self.note_name(to.0, to.1);
+        }
     }
 
     /// How many layers contribute to this directory (the kernel calls >1 a "merge" dir).

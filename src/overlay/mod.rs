@@ -296,6 +296,7 @@ impl OverlayFs {
             metacopy: false,
             index: None,
             unlinked: false,
+            aliases: Vec::new(),
         };
         let table = Arc::new(InodeTable::new(root));
         Ok(OverlayFs {
@@ -657,6 +658,7 @@ impl OverlayFs {
             metacopy,
             index: index_fd.clone(),
             unlinked: false,
+            aliases: Vec::new(),
         };
         let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);
         if !existed {
@@ -664,14 +666,15 @@ impl OverlayFs {
         }
         if existed {
             let mut s = node.state.write();
-            s.parent = Some(parent.clone());
-            s.name = name.to_os_string();
+            s.note_name(parent, name);
             if s.upper.is_none() && upper_fd.is_some() {
                 s.upper = upper_fd;
                 s.opaque = opaque;
                 s.xwhiteouts = xwhiteouts;
             }
-            s.unlinked = false;
+            if s.upper.is_none() && s.index.is_none() && index_fd.is_some() {
+                s.index = index_fd;
+            }
         }
         (node, st)
     }

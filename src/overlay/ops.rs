@@ -421,6 +421,11 @@ impl OverlayFs {
             _ => self.lower_has(&parent.state.read(), name)?,
         };
         let pupper = self.copy_up(&parent, CopyUp::Meta)?;
+        let counted = if found_dir {
+            None
+        } else {
+            self.counted_inode(&parent, &found)?
+        };
         match (&found.upper, needs_whiteout) {
             (Some((fd, _)), false) => {
                 if found_dir {
@@ -435,7 +440,7 @@ impl OverlayFs {
             (None, _) => self.make_whiteout(pupper.as_fd(), name)?,
         }
         let st_ino = self.stino_of(&found);
-        if !found_dir && let Some(fd) = found.upper_inode() {
+        if !found_dir && let Some(fd) = &counted {
             self.adjust_nlink(fd.as_fd(), -1, st_ino)?;
         }
         if let Some((_, st)) = &found.upper
@@ -446,9 +451,37 @@ impl OverlayFs {
             self.copied.remove(&st.st_ino);
         }
         if let Some(node) = self.table.get(st_ino) {
-            node.state.write().unlinked = true;
+            node.state.write().drop_name(parent.st_ino, name);
         }
         Ok(())
+    }
+
+    /// The inode whose merged link count must change when a name of `found` goes: its upper
+    /// or indexed inode, after indexing it first if it is a lower hard link (as the kernel
+    /// does with `index=on`), so the other names show the count that remains.
+    fn counted_inode(&self, parent: &Arc<Node>, found: &Found) -> io::Result<Option<Arc<OwnedFd>>> {
+        if let Some(fd) = found.upper_inode() {
+            return Ok(Some(fd.clone()));
+        }
+        let Some((lower, st)) = found.lowers.first() else {
+            return Ok(None);
+        };
+        if self.index.is_none()
+            || st.st_nlink <= 1
+            || st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || found.lowers.iter().any(|(l, _)| l.metacopy)
+        {
+            return Ok(None);
+        }
+        let st_ino = self.stino_of(found);
+        let fd = self.index_only(parent, lower.fd.as_fd(), st_ino)?;
+        if let Some(node) = self.table.get(st_ino) {
+            let mut s = node.state.write();
+            if s.upper.is_none() && s.index.is_none() {
+                s.index = Some(fd.clone());
+            }
+        }
+        Ok(Some(fd))
     }
 
     /// Is this directory empty in the merged view?
@@ -669,15 +702,16 @@ impl OverlayFs {
                 }
                 _ => {}
             }
+            let dst_counted = match &dst {
+                Some(d) if !is_dir(d.top_stat()) => self.counted_inode(&np, d)?,
+                _ => None,
+            };
             let mut rflags = flags & sys::RENAME_NOREPLACE;
             if src_needs_wh && self.style.char_whiteout {
                 rflags |= sys::RENAME_WHITEOUT;
             }
             sys::renameat2(pu.as_fd(), name, npu.as_fd(), newname, rflags)?;
-            if let Some(d) = &dst
-                && !is_dir(d.top_stat())
-                && let Some(fd) = d.upper_inode()
-            {
+            if let Some(fd) = &dst_counted {
                 self.adjust_nlink(fd.as_fd(), -1, dst_ino.unwrap_or_default())?;
             }
             if src_needs_wh && !self.style.char_whiteout {
@@ -686,17 +720,16 @@ impl OverlayFs {
             let _ = sys::unlinkat(npu.as_fd(), &layer::whiteout_name(newname), 0);
         }
         if let Some(node) = self.table.get(src_ino) {
-            let mut s = node.state.write();
-            s.parent = Some(np.clone());
-            s.name = newname.to_os_string();
+            node.state
+                .write()
+                .move_name((p.st_ino, name), (&np, newname));
         }
         if let Some(node) = dst_ino.and_then(|d| self.table.get(d)) {
             let mut s = node.state.write();
             if exchange {
-                s.parent = Some(p.clone());
-                s.name = name.to_os_string();
+                s.move_name((np.st_ino, newname), (&p, name));
             } else {
-                s.unlinked = true;
+                s.drop_name(np.st_ino, newname);
             }
         }
         Ok(())
@@ -776,14 +809,31 @@ impl OverlayFs {
         found: &Found,
     ) -> io::Result<Arc<OwnedFd>> {
         let st_ino = self.stino_of(found);
-        if let Some(node) = self.table.get(st_ino) {
-            return self.copy_up(&node, CopyUp::Data);
-        }
+        let node = self.table.get(st_ino);
         if let Some((fd, _)) = &found.upper {
-            if found.metacopy {
-                return Err(errno(libc::EXDEV));
+            if !found.metacopy {
+                return Ok(fd.clone());
             }
-            return Ok(fd.clone());
+            // This name's upper file is a metacopy one: fill it through its node.
+            return match &node {
+                Some(n) => self.copy_up(n, CopyUp::Data),
+                None => Err(errno(libc::EXDEV)),
+            };
+        }
+        // The node may stand for other names of a hard link: copy up this very name.
+        if let Some(n) = &node {
+            let s = n.state.read();
+            let here = s
+                .parent
+                .as_ref()
+                .is_some_and(|pp| pp.st_ino == parent.st_ino && s.name == name);
+            if here && s.upper.is_none() {
+                drop(s);
+                return self.copy_up(n, CopyUp::Data);
+            }
+        }
+        if let Some((ix, _)) = &found.index {
+            return self.link_indexed(parent, name, ix.as_fd());
         }
         let (lower, _) = &found.lowers[0];
         let data = found.lowers.iter().find(|(l, _)| !l.metacopy);
