@@ -132,6 +132,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
     let dev_cell = fs.mount_dev_cell();
     let reaper = fs.reaper();
+    let notifier_cell = fs.notifier_cell();
     let mut mount_options = vec![
         MountOption::FSName(o.fsname.clone().unwrap_or_else(|| "stratafs".to_string())),
         MountOption::Subtype(o.subtype.clone().unwrap_or_else(|| "stratafs".to_string())),
@@ -238,6 +239,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         sys::dup2(devnull.as_fd(), 1)?;
     }
     let notifier = session.notifier();
+    let _ = notifier_cell.set(session.notifier());
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || reaper.run(notifier))?;

@@ -2694,10 +2694,12 @@ fn property_idmap_and_override_stat() {
             rng.random_range(0..1_000_000u32),
             rng.random_range(1..70000u32),
         );
+        // fuse-overlayfs's direction: an id stored as FIRST+i shows as SECOND+i.
         let m = IdMap::parse(&format!(":{c}:{h}:{n}")).unwrap();
-        let id = c + rng.random_range(0..n);
-        assert_eq!(m.to_container(m.to_host(id).unwrap()), id);
-        assert_eq!(m.to_host(c + n), None);
+        let shown = h + rng.random_range(0..n);
+        assert_eq!(m.to_container(m.to_host(shown).unwrap()), shown);
+        assert_eq!(m.to_host(h + n), None);
+        assert_eq!(m.to_container(c), h);
         let bytes = s.as_bytes();
         if let Some(o) = Override::parse(bytes) {
             assert!(o.mode <= 0o7777);

@@ -55,10 +55,29 @@ impl OverlayFs {
                 // Its name is gone: a copy would bring a deleted file back.
                 return Err(errno(libc::ENOENT));
             }
-            let parent = s.parent.clone().ok_or_else(|| errno(libc::ESTALE))?;
+            // Which name of a hard link a change came through, FUSE does not say: prefer one
+            // whose directory is in the upper layer already, so no directory is copied up
+            // for it.
+            let (parent, name) = match s
+                .aliases
+                .iter()
+                .rev()
+                .find(|(p, _)| p.state.read().upper.is_some())
+            {
+                Some((p, n))
+                    if s.parent
+                        .as_ref()
+                        .is_none_or(|pp| pp.state.read().upper.is_none()) =>
+                {
+                    (p.clone(), n.clone())
+                }
+                _ => (
+                    s.parent.clone().ok_or_else(|| errno(libc::ESTALE))?,
+                    s.name.clone(),
+                ),
+            };
             if let Some(index) = s.index.clone() {
                 // Another name of this hard link was copied up already: join its inode.
-                let name = s.name.clone();
                 drop(s);
                 self.copy_up(&parent, CopyUp::Meta)?;
                 let fd = self.link_indexed(&parent, &name, index.as_fd())?;
@@ -71,7 +90,7 @@ impl OverlayFs {
             let data = s.data().cloned();
             (
                 parent,
-                s.name.clone(),
+                name,
                 (src.ok_or_else(|| errno(libc::ESTALE))?, data),
             )
         };
@@ -90,6 +109,11 @@ impl OverlayFs {
         let mut s = node.state.write();
         s.upper = Some(fd.clone());
         s.metacopy = meta;
+        drop(s);
+        if node.is_dir {
+            // Now merged: its link count shows as 1, as the kernel shows merged dirs.
+            self.invalidate_attr(node.st_ino);
+        }
         Ok(fd)
     }
 
@@ -103,6 +127,7 @@ impl OverlayFs {
         src: Option<Arc<OwnedFd>>,
         how: CopyUp,
     ) -> io::Result<()> {
+        let times = sys::fstat(upper.as_fd())?;
         let out = sys::reopen(upper.as_fd(), libc::O_WRONLY)?;
         if how == CopyUp::Truncate {
             sys::ftruncate(out.as_fd(), 0)?;
@@ -113,6 +138,8 @@ impl OverlayFs {
             copy_data(input.as_fd(), out.as_fd(), size)?;
             sys::fsync(out.as_fd(), true)?;
         }
+        // Filling in the data is not a change the user made: keep the file's times.
+        restore_times(out.as_fd(), &times)?;
         match sys::remove_xattr(upper.as_fd(), self.style.metacopy_xattr()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
@@ -172,7 +199,12 @@ impl OverlayFs {
                 let index = self.index.as_ref().ok_or_else(|| errno(libc::EIO))?;
                 sys::linkat(work, &tmp, index.as_fd(), &super::index_name(st_ino))
             })
-            .and_then(|()| sys::renameat2(work, &tmp, pupper.as_fd(), name, sys::RENAME_NOREPLACE));
+            .and_then(|()| {
+                // A copy-up is no change of the parent: keep its times, as the kernel does.
+                let times = sys::fstat(pupper.as_fd())?;
+                sys::renameat2(work, &tmp, pupper.as_fd(), name, sys::RENAME_NOREPLACE)?;
+                restore_times(pupper.as_fd(), &times)
+            });
         if let Err(e) = built {
             let _ = super::dir::remove_entry(work, &tmp);
             return Err(e);
@@ -242,7 +274,9 @@ impl OverlayFs {
             .upper
             .clone()
             .ok_or_else(|| errno(libc::ESTALE))?;
+        let times = sys::fstat(pupper.as_fd())?;
         sys::link_fd(index, pupper.as_fd(), name)?;
+        restore_times(pupper.as_fd(), &times)?;
         self.mark_impure(parent)?;
         let fd = sys::openat(pupper.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         Ok(Arc::new(fd))
@@ -455,4 +489,13 @@ fn copy_rw(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: i64, end: i64) -> 
 /// An `O_PATH` fd of `dir/name`.
 fn sys_fd_of(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+}
+
+/// Puts back the atime and mtime of `st` on `fd`.
+fn restore_times(fd: BorrowedFd<'_>, st: &sys::Stat) -> io::Result<()> {
+    sys::utimens_fd(
+        fd,
+        SetTime::At(st.st_atime, st.st_atime_nsec),
+        SetTime::At(st.st_mtime, st.st_mtime_nsec),
+    )
 }

@@ -108,6 +108,9 @@ pub struct OverlayFs {
     own: idmap::Ownership,
     /// Serialises read-modify-write of indexed link counts.
     nlink_lock: parking_lot::Mutex<()>,
+    /// The kernel notifier, once mounted: tells the kernel when stratafs itself changed what
+    /// it may have cached.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The mount's st_dev, once mounted (see `executing`).
     mount_dev: Arc<std::sync::OnceLock<u64>>,
 }
@@ -318,6 +321,7 @@ impl OverlayFs {
             metacopy: cfg.metacopy,
             redirect_dir: cfg.redirect_dir,
             mount_dev: Arc::new(std::sync::OnceLock::new()),
+            notifier: Arc::new(std::sync::OnceLock::new()),
             index,
             nlink_lock: parking_lot::Mutex::new(()),
             own: cfg.ownership.clone(),
@@ -327,6 +331,19 @@ impl OverlayFs {
     /// The fd reaper, for the daemon to run in a thread of its own once mounted.
     pub fn reaper(&self) -> Arc<reaper::Reaper> {
         self.reaper.clone()
+    }
+
+    /// Where the daemon puts the session's notifier once mounted.
+    pub fn notifier_cell(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Drops the kernel's cached attributes of an inode (not its data): safe from inside a
+    /// request, it takes no lock the request may hold.
+    fn invalidate_attr(&self, st_ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_inode(INodeNo(st_ino), -1, 0);
+        }
     }
 
     /// Where the daemon records the mount's st_dev once the mount exists.

@@ -253,8 +253,16 @@ impl OverlayFs {
                     }
                 }
             }
-            if mk_dir && slot != Slot::Free {
-                // Something below had this name: the new directory must hide it.
+            if mk_dir
+                && (slot != Slot::Free
+                    || (self.redirect_dir
+                        && self.style.trusted_xattrs
+                        && (!parent.state.read().lowers.is_empty()
+                            || self.lower_whiteout(parent, name)?)))
+            {
+                // Something below had this name: the new directory must hide it. With
+                // redirects (trusted xattrs), the kernel also marks opaque every new directory
+                // in a merged directory, since a redirect may later show lower entries there.
                 self.set_opaque(fd.as_fd())?;
             }
             match slot {
@@ -290,6 +298,19 @@ impl OverlayFs {
         found.opaque = mk_dir && slot != Slot::Free;
         let (node, st) = self.intern(parent, name, found);
         Ok((self.attr(&node, &st), node.st_ino, open_fd))
+    }
+
+    /// Is `name` hidden by a whiteout in one of the parent's lower layers?
+    fn lower_whiteout(&self, parent: &Arc<Node>, name: &OsStr) -> io::Result<bool> {
+        let lowers = parent.state.read().lowers.clone();
+        for l in &lowers {
+            match self.probe(l.fd.as_fd(), name, l.xwhiteouts)? {
+                super::Probe::Whiteout => return Ok(true),
+                super::Probe::Found(..) => return Ok(false),
+                super::Probe::Missing => {}
+            }
+        }
+        Ok(false)
     }
 
     fn set_opaque(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
@@ -632,10 +653,25 @@ impl OverlayFs {
                 if !src_dir && d_dir {
                     return Err(errno(libc::EISDIR));
                 }
-                if d_dir && !self.merged_empty(d)? {
-                    return Err(errno(libc::ENOTEMPTY));
-                }
             }
+        }
+        if !self.redirect_dir
+            && ((src_dir && !src.lowers.is_empty())
+                || (exchange
+                    && dst
+                        .as_ref()
+                        .is_some_and(|d| is_dir(d.top_stat()) && !d.lowers.is_empty())))
+        {
+            // Refused before anything is copied up, and (as the kernel orders it) after the
+            // type checks but before the emptiness check.
+            return Err(errno(libc::EXDEV));
+        }
+        if !exchange
+            && let Some(d) = &dst
+            && is_dir(d.top_stat())
+            && !self.merged_empty(d)?
+        {
+            return Err(errno(libc::ENOTEMPTY));
         }
         let pu = self.copy_up(&p, CopyUp::Meta)?;
         let npu = self.copy_up(&np, CopyUp::Meta)?;
@@ -651,15 +687,6 @@ impl OverlayFs {
         // becomes opaque even when nothing below shows its new name yet.
         let np_merged = !np.state.read().lowers.is_empty();
         let p_merged = !p.state.read().lowers.is_empty();
-        if !self.redirect_dir
-            && ((src_dir && !src.lowers.is_empty())
-                || (exchange
-                    && dst
-                        .as_ref()
-                        .is_some_and(|d| is_dir(d.top_stat()) && !d.lowers.is_empty())))
-        {
-            return Err(errno(libc::EXDEV));
-        }
         // An entry whose st_ino comes from an origin makes its new parent impure.
         if sys::fstat(src_up.as_fd())?.st_ino != src_ino {
             self.mark_impure(&np)?;

@@ -32,6 +32,26 @@ pub struct Profile {
     /// data or only metadata in an upper file is an implementation choice (the merged view,
     /// always compared in full, is what must agree).
     pub upper_content: bool,
+    /// Run operations on the lower hard links (`hl1`, `hl2`, `hl_dir/hl3`). Off in the compat
+    /// profile: with `index=off`, which name of a lower hard link a copy-up breaks away depends
+    /// on the name the syscall used, and FUSE passes an inode, not a name, for open, setattr
+    /// and link; stratafs's answer (documented in the README) differs from the kernel's. The
+    /// native profile (`index=on`) covers hard links.
+    pub hardlink_ops: bool,
+    /// Compare hard-linked files in the upper layers. Off in the native profile: which names
+    /// of an indexed hard link also appear in the upper layer is the implementation's choice
+    /// (the kernel puts the syscall's name there; stratafs, not seeing it, a name whose parent
+    /// is already up); the merged view, compared in full, must agree.
+    pub upper_hardlinks: bool,
+}
+
+/// Names of the fixture's lower hard links.
+pub const HARDLINK_FAMILY: [&str; 3] = ["hl1", "hl2", "hl3"];
+
+/// Does this operation name a lower hard link (or a link made from one)?
+pub fn touches_hardlinks(op: &Op) -> bool {
+    let text = op.to_string();
+    HARDLINK_FAMILY.iter().any(|n| text.contains(n))
 }
 
 /// The kernel's defaults on most distributions, spelled out (module parameters may differ):
@@ -43,6 +63,8 @@ pub const COMPAT: Profile = Profile {
     stratafs_opts: "redirect_dir=off,index=off,metacopy=off",
     cross_opts: Some("redirect_dir=off,index=off,metacopy=off"),
     upper_content: true,
+    hardlink_ops: false,
+    upper_hardlinks: true,
 };
 
 /// stratafs defaults (redirect_dir, metacopy and index on) against the kernel with the same
@@ -55,6 +77,8 @@ pub const NATIVE: Profile = Profile {
     stratafs_opts: "",
     cross_opts: None,
     upper_content: false,
+    hardlink_ops: true,
+    upper_hardlinks: false,
 };
 
 /// Both mounts of a running comparison; operations go through [`Driver::step`].
@@ -178,8 +202,16 @@ pub fn run(
     failures.extend(stratafs.unmount_checked().err());
 
     {
-        let ku = tree::snapshot(&fk.upper, Snap::UPPER);
-        let su = tree::snapshot(&fs.upper, Snap::UPPER);
+        let mut ku = tree::snapshot(&fk.upper, Snap::UPPER);
+        let mut su = tree::snapshot(&fs.upper, Snap::UPPER);
+        if !profile.upper_hardlinks {
+            for t in [&mut ku, &mut su] {
+                t.entries.retain(|p, e| {
+                    !(e.kind == tree::Kind::File
+                        && (e.nlink > 1 || HARDLINK_FAMILY.iter().any(|n| p.ends_with(n))))
+                });
+            }
+        }
         let cmp = Cmp {
             mtime: Some(&dirty),
             ctime: false,
@@ -620,7 +652,9 @@ pub fn scripted_ops() -> Vec<Op> {
 fn scripted_ops_match_kernel_compat() {
     run(&COMPAT, "scripted", false, |d| {
         for op in scripted_ops() {
-            d.step(&op);
+            if COMPAT.hardlink_ops || !touches_hardlinks(&op) {
+                d.step(&op);
+            }
         }
     });
 }

@@ -125,9 +125,9 @@ fn gen_op(rng: &mut StdRng, pool: &Pool, counter: &mut u32) -> Op {
         30..35 => Op::SetXattr {
             path: existing,
             name: xname(rng),
-            value: data(rng)[..3]
-                .to_vec()
+            value: data(rng)
                 .into_iter()
+                .take(3)
                 .chain(std::iter::once(b'!'))
                 .collect(),
             flags: *[0, 0, libc::XATTR_CREATE, libc::XATTR_REPLACE]
@@ -212,6 +212,9 @@ fn random_run(profile: &Profile, default_seed: u64) {
                 p = pool(d);
             }
             let op = gen_op(&mut rng, &p, &mut counter);
+            if !profile.hardlink_ops && differential::touches_hardlinks(&op) {
+                continue; // see Profile::hardlink_ops
+            }
             d.step(&op);
             if d.stopped {
                 return;

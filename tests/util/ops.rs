@@ -235,7 +235,9 @@ pub fn apply(root: &Path, op: &Op) -> Outcome {
     match op {
         Op::Write { path, offset, data } => res((|| {
             let mut o = OpenOptions::new();
-            o.write(true).custom_flags(libc::O_NOFOLLOW);
+            // O_NONBLOCK: a fifo without a reader fails with ENXIO instead of blocking.
+            o.write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
             if offset.is_none() {
                 o.append(true);
             }
@@ -249,7 +251,7 @@ pub fn apply(root: &Path, op: &Op) -> Outcome {
         Op::OpenTrunc { path } => res(OpenOptions::new()
             .write(true)
             .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(at(root, path))
             .map(drop)),
         Op::Chmod { path, mode } => res(fs::set_permissions(
