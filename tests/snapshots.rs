@@ -1650,11 +1650,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         );
 
         // ctr snapshots: prepare / commit / view / ls / usage / label / rm.
+        // ctr holds a lease only while each command runs: a gc.root label right away keeps
+        // containerd's garbage collector from taking these snapshots between the steps.
         ctr.snapshots(&["prepare", "work-1", &top]);
+        ctr.snapshots(&["label", "work-1", "containerd.io/gc.root=stratafs-test"]);
         let mounts = ctr.snapshots(&["mounts", dir.join("m").to_str().unwrap(), "work-1"]);
         assert!(mounts.contains("fuse3.stratafs"), "{mounts}");
         ctr.snapshots(&["commit", "mine-1", "work-1"]);
+        ctr.snapshots(&["label", "mine-1", "containerd.io/gc.root=stratafs-test"]);
         ctr.snapshots(&["view", "view-1", "mine-1"]);
+        ctr.snapshots(&["label", "view-1", "containerd.io/gc.root=stratafs-test"]);
         let ls = ctr.snapshots(&["ls"]);
         assert!(ls.contains("mine-1") && ls.contains("view-1"), "{ls}");
         assert!(!ls.contains("work-1"), "{ls}");
