@@ -1,2 +1,202 @@
 //! Regression tests: one test per fixed bug, named after what broke, with the minimal
 //! reproduction and a line on the cause. Add them here as bugs are fixed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::util::mount::{Layers, bin};
+use crate::util::{Fixture, Mount};
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+/// Found by pjdfstest (open::etxtbsy): with atomic O_TRUNC the kernel sends an
+/// `O_RDONLY|O_TRUNC` open to the daemon before it checks for a running executable, so the
+/// running binary was truncated to 0 while the caller got ETXTBSY.
+#[test]
+fn rdonly_trunc_open_of_a_running_binary_keeps_it() {
+    let fx = Fixture::new(1);
+    let m = fx.mount_stratafs("");
+    let exe = m.join("sleeper");
+    fs::copy("/bin/sleep", &exe).expect("copy sleep");
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let size = fs::metadata(&exe).expect("stat").len();
+    let mut child = Command::new(&exe)
+        .arg("30")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run the copy");
+    let r = OpenOptions::new()
+        .read(true)
+        .custom_flags_trunc()
+        .open(&exe);
+    let _ = child.kill();
+    let _ = child.wait();
+    let e = r.expect_err("O_RDONLY|O_TRUNC of a running binary must fail");
+    assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
+    assert_eq!(fs::metadata(&exe).expect("stat").len(), size, "binary cut");
+}
+
+trait TruncFlag {
+    fn custom_flags_trunc(&mut self) -> &mut Self;
+}
+
+impl TruncFlag for OpenOptions {
+    fn custom_flags_trunc(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_TRUNC)
+    }
+}
+
+/// Found by the snapshot conformance suite: an upper layer holding a metacopy file (chown of a
+/// lower file), later used as a lower layer, showed the file's sparse zeros.
+#[test]
+fn metacopy_file_in_a_lower_layer_reads_the_data_below() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0).file("f", b"hello\n");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    std::os::unix::fs::chown(m.join("f"), Some(1), Some(1)).expect("chown");
+    m.unmount();
+    // The old upper becomes the top lower layer of a read-only mount.
+    let layers = Layers {
+        lowers: vec![fx.upper.clone(), fx.lowers[0].clone()],
+        upper: None,
+        work: None,
+    };
+    let mnt = fx.scratch("ro");
+    let ro = Mount::stratafs(&layers, &mnt, "");
+    assert_eq!(read(&ro.join("f")), "hello\n");
+    assert_eq!(fs::metadata(ro.join("f")).expect("stat").uid(), 1);
+}
+
+/// Found by scripts/bench: the daemon held one fd per inode the kernel knew and hit EMFILE
+/// walking more names than RLIMIT_NOFILE (lstat of 20k names, `tar c`). Run here with a
+/// 1024-fd limit and 3000 names.
+#[test]
+fn walking_more_names_than_the_fd_limit_works() {
+    let mut fx = Fixture::new(1);
+    let dir = fx.lowers[0].join("many");
+    fs::create_dir(&dir).expect("mkdir");
+    for i in 0..3000 {
+        File::create(dir.join(format!("f{i}"))).expect("create");
+    }
+    fx.seal();
+    let opts = fx.layers().options();
+    let mnt = fs::canonicalize(&fx.mnt).expect("mnt");
+    let out = Command::new("prlimit")
+        .args(["--nofile=1024:1024", bin(), "-o", &opts])
+        .arg(&mnt)
+        .output()
+        .expect("run prlimit");
+    assert!(out.status.success(), "mount: {out:?}");
+    let m = Mount::adopt(&mnt, crate::util::Backend::Stratafs);
+    for i in 0..3000 {
+        fs::symlink_metadata(m.join(format!("many/f{i}")))
+            .unwrap_or_else(|e| panic!("lstat many/f{i}: {e}"));
+    }
+    assert_eq!(fs::read_dir(m.join("many")).expect("readdir").count(), 3000);
+}
+
+/// Found by tests/reliability.rs: lower a/h1 and b/h2 are one inode; `stat b/h2; rm a/h1`
+/// marked the shared node unlinked, so `ln b/h2 n`, appends and chmod on b/h2 failed with
+/// ENOENT; and the link count stayed 2 (the kernel shows 1).
+#[test]
+fn removing_one_name_of_a_lower_hard_link_keeps_the_other_usable() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("a").dir("b").file("a/h1", b"orig\n");
+    fx.lower(0).hardlink("a/h1", "b/h2");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    assert_eq!(fs::metadata(m.join("b/h2")).expect("stat").nlink(), 2);
+    fs::remove_file(m.join("a/h1")).expect("rm a/h1");
+    assert_eq!(fs::metadata(m.join("b/h2")).expect("stat").nlink(), 1);
+    fs::hard_link(m.join("b/h2"), m.join("n")).expect("ln b/h2 n");
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("b/h2"))
+        .and_then(|mut f| f.write_all(b"more\n"))
+        .expect("append");
+    assert_eq!(read(&m.join("n")), "orig\nmore\n");
+    assert_eq!(fs::metadata(m.join("n")).expect("stat").nlink(), 2);
+    fx.assert_lowers_unchanged();
+}
+
+/// Found by tests/reliability.rs: after one name of a lower hard link was copied up, a rename
+/// of another name copied up the wrong name and failed with ENOENT.
+#[test]
+fn renaming_a_hard_link_after_another_name_was_copied_up() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("a").dir("b").file("a/h1", b"orig\n");
+    fx.lower(0).hardlink("a/h1", "b/h2");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("a/h1"))
+        .and_then(|mut f| f.write_all(b"x\n"))
+        .expect("append a/h1");
+    fs::rename(m.join("b/h2"), m.join("b/new")).expect("mv b/h2 b/new");
+    assert!(!m.join("b/h2").exists());
+    assert_eq!(read(&m.join("b/new")), "orig\nx\n");
+    let (a, n) = (
+        fs::metadata(m.join("a/h1")).expect("stat"),
+        fs::metadata(m.join("b/new")).expect("stat"),
+    );
+    assert_eq!((a.ino(), a.nlink()), (n.ino(), 2));
+}
+
+/// Found by the differential suite: a rename refused with EXDEV (redirect_dir=off) had already
+/// copied the directory up, changing the upper layer and the parent's mtime.
+#[test]
+fn a_refused_directory_rename_changes_nothing() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("p").dir("p/d").file("p/d/f", b"x");
+    fx.seal();
+    let m = fx.mount_stratafs("redirect_dir=off");
+    let before = fs::metadata(m.join("p")).expect("stat").mtime();
+    let e = fs::rename(m.join("p/d"), m.join("p/e")).expect_err("EXDEV");
+    assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+    assert_eq!(fs::metadata(m.join("p")).expect("stat").mtime(), before);
+    m.unmount();
+    assert!(
+        fs::read_dir(&fx.upper).expect("upper").next().is_none(),
+        "the upper layer must stay empty"
+    );
+}
+
+/// Found by the differential suite: a copy-up changed its parent directory's mtime; the
+/// kernel keeps it (a copy-up is no change of the directory).
+#[test]
+fn copy_up_keeps_the_parent_directory_times() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("p").dir("p/q").file("p/q/f", b"data");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    let (p0, q0) = (
+        fs::metadata(m.join("p")).expect("stat").mtime(),
+        fs::metadata(m.join("p/q")).expect("stat").mtime(),
+    );
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.join("p/q/f"))
+        .expect("open");
+    f.write_all(b"DA").expect("write");
+    drop(f);
+    m.unmount();
+    let up = |rel: &str| {
+        fs::metadata(fx.upper.join(rel))
+            .expect("stat upper")
+            .mtime()
+    };
+    assert_eq!((up("p"), up("p/q")), (p0, q0));
+    let mut s = String::new();
+    File::open(fx.upper.join("p/q/f"))
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .expect("read copy");
+    assert_eq!(s, "DAta");
+}
