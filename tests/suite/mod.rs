@@ -2,6 +2,7 @@
 
 mod cli;
 mod differential;
+mod features;
 mod random;
 mod regression;
 mod semantics;

@@ -1,0 +1,268 @@
+//! The semantics stratafs has on by default beyond the kernel's defaults (directory rename
+//! with redirects, hard links kept through copy-up, st_ino kept across copy-up and remounts,
+//! metadata-only copy-up), each on a real mount and, where the kernel has the feature, against
+//! kernel overlayfs with `redirect_dir=on,metacopy=on,index=on` over the same layers.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::mount::Layers;
+use crate::util::tree::{self, Snap};
+use crate::util::{Fixture, Mount};
+
+/// The first and last 4 KiB and 4 KiB from the middle of a 1 GiB file.
+fn islands(p: &Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(p).expect("open");
+    let mut out = Vec::new();
+    for off in [0u64, 1 << 29, (1 << 30) - 4096] {
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, off).expect("read");
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+/// Every path of a tree with its st_ino.
+fn inos(root: &Path) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {rel}: {e}"));
+        out.insert(rel.clone(), md.ino());
+        if md.is_dir() {
+            for e in fs::read_dir(&p).expect("readdir") {
+                let name = e.expect("entry").file_name().into_string().expect("utf-8");
+                stack.push(if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The dpkg/rustup pattern: build `d.new`, move `d` away, move `d.new` in, delete the old one,
+/// on directories with lower content. The kernel with redirects is the oracle.
+#[test]
+fn package_manager_directory_swap_matches_kernel_with_redirects() {
+    let build = || {
+        let mut fx = Fixture::new(2);
+        fx.lower(1)
+            .dir("usr/lib/pkg/sub")
+            .file("usr/lib/pkg/a", b"1\n");
+        fx.lower(1).file("usr/lib/pkg/sub/b", b"2\n");
+        fx.lower(0)
+            .dir("usr/lib/pkg")
+            .file("usr/lib/pkg/top", b"3\n");
+        fx.seal();
+        fx
+    };
+    let script = |m: &Path| {
+        let lib = m.join("usr/lib");
+        fs::create_dir(lib.join("pkg.new")).expect("mkdir pkg.new");
+        fs::write(lib.join("pkg.new/a"), b"new\n").expect("write");
+        fs::rename(lib.join("pkg"), lib.join("pkg.old")).expect("mv pkg pkg.old");
+        fs::rename(lib.join("pkg.new"), lib.join("pkg")).expect("mv pkg.new pkg");
+        fs::remove_dir_all(lib.join("pkg.old")).expect("rm -rf pkg.old");
+        fs::create_dir(m.join("moved")).expect("mkdir moved");
+        fs::rename(lib, m.join("moved/lib")).expect("mv usr/lib moved/lib");
+    };
+    let fk = build();
+    let fs_ = build();
+    let k = fk.mount_kernel("redirect_dir=on,metacopy=on,index=on");
+    let s = fs_.mount_stratafs("");
+    script(k.path());
+    script(s.path());
+    let (kt, st) = (
+        tree::snapshot(k.path(), Snap::MERGED),
+        tree::snapshot(s.path(), Snap::MERGED),
+    );
+    let diff = tree::diff(
+        "kernel",
+        &kt,
+        "stratafs",
+        &st,
+        tree::Cmp {
+            mtime: None,
+            ctime: false,
+            nlink: true,
+            ino: false,
+            links: true,
+            root_attrs: false,
+            content: true,
+        },
+    );
+    assert!(diff.is_empty(), "merged trees differ:\n{}", diff.join("\n"));
+    k.unmount();
+    s.unmount();
+    // The stratafs upper layer, mounted by the kernel with redirects, shows the same tree.
+    let layers = Layers {
+        lowers: fs_.lowers.clone(),
+        upper: Some(fs_.upper.clone()),
+        work: Some(fs_.scratch("work2")),
+    };
+    let cross = Mount::kernel(&layers, &fs_.scratch("mnt2"), "redirect_dir=on");
+    // The kernel does not hide stratafs's own bookkeeping xattrs (origin, nlink).
+    let snap = Snap {
+        keep_xattr: tree::keep_non_stratafs_xattr,
+        ..Snap::MERGED
+    };
+    let ct = tree::snapshot(cross.path(), snap);
+    let diff = tree::diff(
+        "stratafs",
+        &st,
+        "kernel(stratafs upper)",
+        &ct,
+        tree::Cmp {
+            mtime: None,
+            ctime: false,
+            nlink: false,
+            ino: false,
+            links: true,
+            root_attrs: false,
+            content: true,
+        },
+    );
+    assert!(
+        diff.is_empty(),
+        "kernel reads the upper differently:\n{}",
+        diff.join("\n")
+    );
+    fs_.assert_lowers_unchanged();
+}
+
+/// A 5000-entry lower directory renamed three times (across parents too) costs O(1): no
+/// entry is copied, and the listing afterwards is complete.
+#[test]
+fn large_lower_directory_renamed_three_times_in_constant_time() {
+    let mut fx = Fixture::new(1);
+    let big = fx.lowers[0].join("big");
+    fs::create_dir(&big).expect("mkdir");
+    for i in 0..5000 {
+        fs::write(big.join(format!("f{i}")), b"").expect("create");
+    }
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    fs::create_dir(m.join("sub")).expect("mkdir sub");
+    let t = Instant::now();
+    fs::rename(m.join("big"), m.join("b1")).expect("mv 1");
+    fs::rename(m.join("b1"), m.join("sub/b2")).expect("mv 2");
+    fs::rename(m.join("sub/b2"), m.join("b3")).expect("mv 3");
+    let took = t.elapsed();
+    assert_eq!(fs::read_dir(m.join("b3")).expect("ls").count(), 5000);
+    assert!(!m.join("big").exists() && !m.join("sub/b2").exists());
+    m.unmount();
+    let upper_entries = tree::snapshot(&fx.upper, Snap::UPPER).entries.len();
+    assert!(
+        upper_entries < 10,
+        "renames copied entries up: {upper_entries} upper entries"
+    );
+    // Generous bound: a copy of 5000 entries takes far longer on this machine.
+    assert!(took < Duration::from_secs(2), "three renames took {took:?}");
+    fx.assert_lowers_unchanged();
+}
+
+/// Hard links below stay one inode after one name is changed: same st_ino, right nlink, the
+/// write seen through every name, during the mount and after a remount.
+#[test]
+fn hard_links_stay_one_inode_through_copy_up_and_remount() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("x").dir("y").file("x/a", b"orig\n");
+    fx.lower(0).hardlink("x/a", "y/b").hardlink("x/a", "c");
+    fx.seal();
+    let check = |m: &Mount, want: &str, nlink: u64| {
+        let mds: Vec<_> = ["x/a", "y/b", "c"]
+            .iter()
+            .map(|p| fs::metadata(m.join(p)).expect("stat"))
+            .collect();
+        for (p, md) in ["x/a", "y/b", "c"].iter().zip(&mds) {
+            assert_eq!(md.ino(), mds[0].ino(), "{p}: st_ino");
+            assert_eq!(md.nlink(), nlink, "{p}: nlink");
+            assert_eq!(fs::read_to_string(m.join(p)).expect("read"), want, "{p}");
+        }
+        mds[0].ino()
+    };
+    let m = fx.mount_stratafs("");
+    let ino = check(&m, "orig\n", 3);
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("y/b"))
+        .and_then(|mut f| f.write_all(b"more\n"))
+        .expect("append");
+    assert_eq!(
+        check(&m, "orig\nmore\n", 3),
+        ino,
+        "st_ino changed by copy-up"
+    );
+    fs::hard_link(m.join("c"), m.join("d")).expect("ln c d");
+    assert_eq!(fs::metadata(m.join("d")).expect("stat").nlink(), 4);
+    fs::remove_file(m.join("d")).expect("rm d");
+    m.unmount();
+    let m = fx.mount_stratafs("");
+    assert_eq!(
+        check(&m, "orig\nmore\n", 3),
+        ino,
+        "st_ino changed by remount"
+    );
+    fx.assert_lowers_unchanged();
+}
+
+/// Every st_ino of a multi-layer tree is the same before and after copy-ups and a remount.
+#[test]
+fn every_st_ino_survives_copy_up_and_remount() {
+    let mut fx = Fixture::new(2);
+    fx.lower(1).dir("d/e").file("d/e/f", b"1").file("d/g", b"2");
+    fx.lower(0).dir("d").file("d/h", b"3").symlink("d/s", "h");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    let before = inos(m.path());
+    fs::write(m.join("d/e/f"), b"changed").expect("write");
+    std::os::unix::fs::chown(m.join("d/g"), Some(7), Some(7)).expect("chown");
+    std::os::unix::fs::lchown(m.join("d/s"), Some(8), Some(8)).expect("lchown");
+    assert_eq!(inos(m.path()), before, "st_ino changed by copy-up");
+    m.unmount();
+    let m = fx.mount_stratafs("");
+    assert_eq!(inos(m.path()), before, "st_ino changed by remount");
+}
+
+/// chmod of a 1 GiB lower file copies metadata only: fast, no data in the upper layer, and the
+/// data is still read from below (also by the kernel with metacopy=on over our upper).
+#[test]
+fn chmod_of_a_large_lower_file_copies_metadata_only() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0)
+        .sparse("big", 1 << 30, &[(0, 4096), ((1 << 30) - 4096, 4096)]);
+    fx.seal();
+    let want = islands(&fx.lowers[0].join("big"));
+    let m = fx.mount_stratafs("");
+    let t = Instant::now();
+    fs::set_permissions(
+        m.join("big"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "chmod took {took:?}");
+    let md = fs::metadata(m.join("big")).expect("stat");
+    assert_eq!((md.len(), md.mode() & 0o7777), (1 << 30, 0o600));
+    assert_eq!(islands(&m.join("big")), want, "data changed");
+    m.unmount();
+    let up = fs::metadata(fx.upper.join("big")).expect("upper");
+    assert_eq!(up.blocks(), 0, "the upper copy holds data");
+    let layers = Layers {
+        lowers: fx.lowers.clone(),
+        upper: Some(fx.upper.clone()),
+        work: Some(fx.scratch("work2")),
+    };
+    let k = Mount::kernel(&layers, &fx.scratch("mnt2"), "metacopy=on,redirect_dir=on");
+    assert_eq!(islands(&k.join("big")), want, "the kernel reads other data");
+    fx.assert_lowers_unchanged();
+}
