@@ -106,7 +106,9 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
-        .clamp(2, 16);
+        // At least 4: a worker waiting for fds (see `openat_retry`) must leave others to
+        // serve the FORGETs that free them.
+        .clamp(4, 16);
     let cfg = FsConfig {
         lowers: plan.lowers.clone(),
         upper: if o.read_only {

@@ -174,6 +174,16 @@ impl Ownership {
         )
     }
 
+    /// Ids on disk for a new object made by a caller with these ids. An id outside the
+    /// mapping (e.g. host root creating through a container's mount, as podman does for
+    /// `/etc/mtab`) is stored as the overflow id, as fuse-overlayfs does, not refused.
+    pub fn store_new(&self, uid: u32, gid: u32) -> (u32, u32) {
+        (
+            self.uids.to_host(uid).unwrap_or(OVERFLOW_ID),
+            self.gids.to_host(gid).unwrap_or(OVERFLOW_ID),
+        )
+    }
+
     /// Ids to write on disk for container ids; `EINVAL` for an unmapped id, as the kernel
     /// answers a chown to an id outside the user namespace.
     pub fn store(
@@ -246,5 +256,7 @@ mod tests {
         assert_eq!(own.show(1005, 7), (0, 7));
         assert_eq!(own.store(Some(3), None).unwrap(), (Some(1003), None));
         assert!(own.store(Some(10), None).is_err());
+        assert_eq!(own.store_new(3, 5), (1003, 5));
+        assert_eq!(own.store_new(10, 5), (OVERFLOW_ID, 5));
     }
 }

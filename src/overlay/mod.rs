@@ -436,11 +436,27 @@ impl OverlayFs {
         } else {
             libc::O_PATH | libc::O_NOFOLLOW
         };
-        let fd = sys::openat(dir, name, flags, 0)?;
+        let fd = self.openat_retry(dir, name, flags)?;
         if xwhiteouts && layer::is_xattr_whiteout(fd.as_fd(), &st)? {
             return Ok(Probe::Whiteout);
         }
         Ok(Probe::Found(fd, st))
+    }
+
+    /// openat that, when the daemon is out of fds (EMFILE), has the reaper free some and
+    /// tries again for up to five seconds instead of failing the lookup.
+    fn openat_retry(&self, dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<OwnedFd> {
+        let mut tries = 0;
+        loop {
+            match sys::openat(dir, name, flags, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) && tries < 500 => {
+                    tries += 1;
+                    self.reaper.kick_now();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Merged lookup of `name` in a directory: walks the layers top-down, honouring whiteouts

@@ -246,8 +246,8 @@ impl OverlayFs {
                     }
                     sys::set_xattr(fd.as_fd(), xp.xattr(), &o.encode(), 0)?;
                 } else {
-                    let (u, g) = self.own.store(Some(caller.uid), Some(gid))?;
-                    sys::fchown(fd.as_fd(), u, g)?;
+                    let (u, g) = self.own.store_new(caller.uid, gid);
+                    sys::fchown(fd.as_fd(), Some(u), Some(g))?;
                     if let Some(m) = final_mode {
                         sys::chmod_fd(fd.as_fd(), m)?;
                     }
@@ -472,7 +472,16 @@ impl OverlayFs {
             self.copied.remove(&st.st_ino);
         }
         if let Some(node) = self.table.get(st_ino) {
-            node.state.write().drop_name(parent.st_ino, name);
+            let mut s = node.state.write();
+            s.drop_name(parent.st_ino, name);
+            // The upper inode is gone for good: let its space go now, not when the kernel
+            // forgets the node (open files keep their own fds).
+            if s.unlinked
+                && !found_dir
+                && found.upper.as_ref().is_some_and(|(_, st)| st.st_nlink <= 1)
+            {
+                s.upper = None;
+            }
         }
         Ok(())
     }

@@ -33,8 +33,8 @@ impl Reaper {
         let limit = usize::try_from(fd_limit).unwrap_or(usize::MAX).min(1 << 20);
         Reaper {
             table,
-            high: (limit / 3).max(256),
-            low: (limit / 4).max(128),
+            high: (limit / 4).max(128),
+            low: (limit / 5).max(64),
             kicked: Mutex::new(false),
             cv: Condvar::new(),
         }
@@ -48,6 +48,15 @@ impl Reaper {
                 *k = true;
                 self.cv.notify_one();
             }
+        }
+    }
+
+    /// Wakes the reaper whatever the table's size (the daemon ran out of fds).
+    pub fn kick_now(&self) {
+        let mut k = self.kicked.lock();
+        if !*k {
+            *k = true;
+            self.cv.notify_one();
         }
     }
 
