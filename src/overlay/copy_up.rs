@@ -182,9 +182,11 @@ impl OverlayFs {
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_size > 0;
         let tmp = self.tmp_name();
+        let mut origin_written = false;
         let built = self
             .build_copy(work, &tmp, src, data.unwrap_or(src), &st, how, meta, st_ino)
-            .and_then(|()| {
+            .and_then(|written| {
+                origin_written = written;
                 if !indexed {
                     return Ok(());
                 }
@@ -216,8 +218,12 @@ impl OverlayFs {
             libc::O_PATH | libc::O_NOFOLLOW
         };
         let fd = sys::openat(pupper.as_fd(), name, flags, 0)?;
-        let ust = sys::fstat(fd.as_fd())?;
-        self.copied.insert(ust.st_ino, st_ino);
+        if !origin_written {
+            // Only where the origin xattr could not be written: a stale entry would give a
+            // later object reusing this inode number the wrong st_ino.
+            let ust = sys::fstat(fd.as_fd())?;
+            self.copied.insert(ust.st_ino, st_ino);
+        }
         Ok((Arc::new(fd), meta))
     }
 
@@ -240,7 +246,7 @@ impl OverlayFs {
         let tmp = self.tmp_name();
         let built = self
             .build_copy(work, &tmp, src, src, &st, CopyUp::Data, false, st_ino)
-            .and_then(|()| {
+            .and_then(|_| {
                 sys::set_xattr(
                     sys_fd_of(work, &tmp)?.as_fd(),
                     self.style.nlink_xattr(),
@@ -329,7 +335,7 @@ impl OverlayFs {
         how: CopyUp,
         meta: bool,
         st_ino: u64,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let fmt = st.st_mode & libc::S_IFMT;
         let dst = match fmt {
             libc::S_IFDIR => {
@@ -381,10 +387,10 @@ impl OverlayFs {
             &st_ino.to_le_bytes(),
             0,
         ) {
-            Ok(()) => Ok(()),
-            // user.* xattrs exist only on files and directories; the in-memory map still
-            // keeps st_ino stable for this mount.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => Ok(()),
+            Ok(()) => Ok(true),
+            // user.* xattrs exist only on files and directories; the in-memory map keeps
+            // st_ino stable for this mount instead.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => Ok(false),
             Err(e) => Err(e),
         }
     }

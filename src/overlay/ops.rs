@@ -750,6 +750,13 @@ impl OverlayFs {
             if let Some(fd) = &dst_counted {
                 self.adjust_nlink(fd.as_fd(), -1, dst_ino.unwrap_or_default())?;
             }
+            // The replaced upper inode may be gone: its number must not keep an old st_ino.
+            if let Some(d) = &dst
+                && let Some((_, st)) = &d.upper
+                && st.st_nlink <= 1
+            {
+                self.copied.remove(&st.st_ino);
+            }
             if src_needs_wh && !self.style.char_whiteout {
                 self.make_whiteout(pu.as_fd(), name)?;
             }
