@@ -33,6 +33,8 @@ pub struct Node {
     pub copy_lock: Mutex<()>,
     /// How this node's open files do I/O; see `ops::OpenPlan`.
     pub io: Mutex<NodeIo>,
+    /// Open files (FUSE handles) of this node.
+    pub opens: AtomicU64,
 }
 
 /// I/O mode bookkeeping of a node's open files. The kernel allows either page-cached opens or
@@ -176,6 +178,7 @@ impl Node {
             state: RwLock::new(state),
             copy_lock: Mutex::new(()),
             io: Mutex::new(NodeIo::default()),
+            opens: AtomicU64::new(0),
         }
     }
 }

@@ -45,10 +45,15 @@ pub struct FileHandle {
     pub backing: std::sync::OnceLock<Arc<fuser::BackingId>>,
     /// The node, when this open counts in its `cached_opens`.
     pub cached_of: Option<Arc<Node>>,
+    /// The node this file belongs to (counted in its `opens`).
+    pub node: Option<Arc<Node>>,
 }
 
 impl Drop for FileHandle {
     fn drop(&mut self) {
+        if let Some(node) = &self.node {
+            node.opens.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(node) = &self.cached_of {
             let mut io = node.io.lock();
             io.cached_opens = io.cached_opens.saturating_sub(1);
@@ -100,6 +105,12 @@ enum Make<'a> {
     Node { mode: u32, rdev: u64 },
     Symlink { target: &'a Path },
     Link { src: Arc<OwnedFd> },
+}
+
+/// Counts one open file on `node` and returns it for the handle to keep.
+fn counted_open(node: &Arc<Node>) -> Arc<Node> {
+    node.opens.fetch_add(1, Ordering::AcqRel);
+    node.clone()
 }
 
 fn check_name(name: &OsStr) -> io::Result<()> {
@@ -407,6 +418,7 @@ impl OverlayFs {
             writable,
             backing: std::sync::OnceLock::new(),
             cached_of: None,
+            node: self.table.get(id).map(|n| counted_open(&n)),
         }));
         let plan = match self.table.get(id) {
             Some(node) if self.passthrough.load(Ordering::Relaxed) => OpenPlan::Passthrough(node),
@@ -478,6 +490,7 @@ impl OverlayFs {
             // forgets the node (open files keep their own fds).
             if s.unlinked
                 && !found_dir
+                && node.opens.load(Ordering::Acquire) == 0
                 && found.upper.as_ref().is_some_and(|(_, st)| st.st_nlink <= 1)
             {
                 s.upper = None;
@@ -1044,6 +1057,7 @@ impl OverlayFs {
             writable: acc != libc::O_RDONLY,
             backing: std::sync::OnceLock::new(),
             cached_of: counted.then(|| node.clone()),
+            node: Some(counted_open(&node)),
         }));
         Ok((fh, plan))
     }
