@@ -2105,9 +2105,6 @@ fn errs(m: &BTreeMap<i32, usize>) -> String {
 }
 
 #[test]
-#[ignore = "FIXME: intermittent (about 1 run in 4) stratafs divergence from the model under four \
-            concurrent workers: a link right after a directory rename fails with ENOENT and files \
-            go missing; the kernel passes. Run with --ignored; see the closing note of issue 8"]
 fn stress_against_model_and_kernel() {
     let _s = serial();
     let seed = seed("stress_against_model_and_kernel");

@@ -104,8 +104,18 @@ impl OverlayFs {
             how
         };
         let data_fd = data.as_ref().map(|d| d.as_fd());
-        let (fd, meta) =
-            self.copy_up_obj(&parent, &name, src.as_fd(), data_fd, how, node.st_ino)?;
+        // A removed file's space comes back only when the kernel forgets its inode (the
+        // daemon holds an fd until then): on ENOSPC give pending FORGETs a moment, then retry.
+        let mut tries = 0;
+        let (fd, meta) = loop {
+            match self.copy_up_obj(&parent, &name, src.as_fd(), data_fd, how, node.st_ino) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r?,
+            }
+        };
         let mut s = node.state.write();
         s.upper = Some(fd.clone());
         s.metacopy = meta;
@@ -281,10 +291,18 @@ impl OverlayFs {
             .clone()
             .ok_or_else(|| errno(libc::ESTALE))?;
         let times = sys::fstat(pupper.as_fd())?;
-        sys::link_fd(index, pupper.as_fd(), name)?;
-        restore_times(pupper.as_fd(), &times)?;
+        match sys::link_fd(index, pupper.as_fd(), name) {
+            Ok(()) => restore_times(pupper.as_fd(), &times)?,
+            // This name was linked already (through another of the inode's names): fine if it
+            // is the same inode.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
         self.mark_impure(parent)?;
         let fd = sys::openat(pupper.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        if sys::fstat(fd.as_fd())?.st_ino != sys::fstat(index)?.st_ino {
+            return Err(errno(libc::EEXIST));
+        }
         Ok(Arc::new(fd))
     }
 

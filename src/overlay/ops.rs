@@ -484,17 +484,10 @@ impl OverlayFs {
             self.copied.remove(&st.st_ino);
         }
         if let Some(node) = self.table.get(st_ino) {
-            let mut s = node.state.write();
-            s.drop_name(parent.st_ino, name);
-            // The upper inode is gone for good: let its space go now, not when the kernel
-            // forgets the node (open files keep their own fds).
-            if s.unlinked
-                && !found_dir
-                && node.opens.load(Ordering::Acquire) == 0
-                && found.upper.as_ref().is_some_and(|(_, st)| st.st_nlink <= 1)
-            {
-                s.upper = None;
-            }
+            // The node keeps its fd of the removed inode until the kernel forgets it: that
+            // fd keeps the inode number from being reused while the kernel may still use it
+            // as this node's id (two objects on one FUSE inode confuse the kernel).
+            node.state.write().drop_name(parent.st_ino, name);
         }
         Ok(())
     }
