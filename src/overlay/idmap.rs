@@ -67,6 +67,14 @@ impl IdMap {
             .map(|(c, h, _)| h + (id - c))
     }
 
+    /// The id on disk of the lowest id shown through the mount (the container's root).
+    pub fn lowest_disk(&self) -> u32 {
+        self.ranges
+            .iter()
+            .min_by_key(|(c, _, _)| *c)
+            .map_or(0, |(_, h, _)| *h)
+    }
+
     /// The container id for a host id; unmapped ids show as [`OVERFLOW_ID`].
     pub fn to_container(&self, id: u32) -> u32 {
         if self.ranges.is_empty() {
@@ -174,13 +182,13 @@ impl Ownership {
         )
     }
 
-    /// Ids on disk for a new object made by a caller with these ids. An id outside the
-    /// mapping (e.g. host root creating through a container's mount, as podman does for
-    /// `/etc/mtab`) is stored as the overflow id, as fuse-overlayfs does, not refused.
+    /// Ids on disk for a new object made by a caller with these ids. A caller outside the
+    /// mapping (host root preparing a container's rootfs through its mount, as podman does for
+    /// `/etc/mtab` and `/etc/hosts`) creates as the container's root: the lowest id on disk.
     pub fn store_new(&self, uid: u32, gid: u32) -> (u32, u32) {
         (
-            self.uids.to_host(uid).unwrap_or(OVERFLOW_ID),
-            self.gids.to_host(gid).unwrap_or(OVERFLOW_ID),
+            self.uids.to_host(uid).unwrap_or_else(|| self.uids.lowest_disk()),
+            self.gids.to_host(gid).unwrap_or_else(|| self.gids.lowest_disk()),
         )
     }
 
@@ -257,6 +265,6 @@ mod tests {
         assert_eq!(own.store(Some(3), None).unwrap(), (Some(1003), None));
         assert!(own.store(Some(10), None).is_err());
         assert_eq!(own.store_new(3, 5), (1003, 5));
-        assert_eq!(own.store_new(10, 5), (OVERFLOW_ID, 5));
+        assert_eq!(own.store_new(10, 5), (1000, 5));
     }
 }
