@@ -187,8 +187,12 @@ impl Ownership {
     /// `/etc/mtab` and `/etc/hosts`) creates as the container's root: the lowest id on disk.
     pub fn store_new(&self, uid: u32, gid: u32) -> (u32, u32) {
         (
-            self.uids.to_host(uid).unwrap_or_else(|| self.uids.lowest_disk()),
-            self.gids.to_host(gid).unwrap_or_else(|| self.gids.lowest_disk()),
+            self.uids
+                .to_host(uid)
+                .unwrap_or_else(|| self.uids.lowest_disk()),
+            self.gids
+                .to_host(gid)
+                .unwrap_or_else(|| self.gids.lowest_disk()),
         )
     }
 
