@@ -143,6 +143,17 @@ fn umount(mnt: &Path, lazy: bool) -> Result<()> {
     }
 }
 
+/// Writes `text` to stdout in one write. A reader that has already gone (`--version | head`)
+/// is not an error: what it wanted was delivered or not wanted.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn legacy(argv: &[OsString]) -> Result<()> {
     let mut opts = MountOptions::default();
     let mut positional: Vec<PathBuf> = Vec::new();
@@ -168,14 +179,12 @@ fn legacy(argv: &[OsString]) -> Result<()> {
             }
             // Single-threaded / other libfuse flags: harmless to accept.
             "-s" => {}
-            "-h" | "--help" => {
-                print!("{HELP}");
-                return Ok(());
-            }
+            "-h" | "--help" => return print_out(HELP),
             "-V" | "--version" => {
-                println!("stratafs: version {}", env!("CARGO_PKG_VERSION"));
-                println!("FUSE library: fuser 0.18 (pure Rust, kernel interface 7.x)");
-                return Ok(());
+                return print_out(&format!(
+                    "stratafs: version {}\nFUSE library: fuser 0.18 (pure Rust, kernel interface 7.x)\n",
+                    env!("CARGO_PKG_VERSION")
+                ));
             }
             _ if s.starts_with("-o") => opts.parse_into(&s[2..])?,
             _ => bail!("unknown flag '{s}' (see --help)"),

@@ -202,3 +202,25 @@ fn copy_up_keeps_the_parent_directory_times() {
         .expect("read copy");
     assert_eq!(s, "DAta");
 }
+
+/// Found by CI (scripts/podman-test runs `stratafs --version | head -n 1`): when the reader
+/// had gone before the second line was written, the binary panicked on EPIPE and exited 101.
+/// Help and version text go out in one write, and a reader that has gone is not an error.
+#[test]
+fn version_and_help_into_a_closed_pipe_exit_cleanly() {
+    for flag in ["--version", "--help"] {
+        let mut child = Command::new(bin())
+            .arg(flag)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stratafs");
+        // Close the read end before the program writes: every write then gets EPIPE
+        // (Rust ignores SIGPIPE, so it surfaces as an error, not a signal).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flag}: {:?}: {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
+    }
+}
