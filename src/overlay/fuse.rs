@@ -36,21 +36,28 @@ fn caller(req: &Request) -> Caller {
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => match t.duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(d) => SetTime::At(d.as_secs() as i64, i64::from(d.subsec_nanos())),
-            Err(e) => {
-                // Before 1970: whole seconds down, nanoseconds up.
-                let d = e.duration();
-                let mut sec = -(d.as_secs() as i64);
-                let mut nsec = -i64::from(d.subsec_nanos());
-                if nsec < 0 {
-                    sec -= 1;
-                    nsec += 1_000_000_000;
-                }
-                SetTime::At(sec, nsec)
-            }
-        },
+        TimeOrNow::SpecificTime(t) => kernel_time(t),
     })
+}
+
+/// The kernel's (sec, nsec) of a setattr time, undoing fuser 0.18's decoding.
+///
+/// fuser 0.18 (`system_time_from_time`) builds a pre-1970 time as
+/// `UNIX_EPOCH - Duration::new(-sec, nsec)`: the kernel's (-1, 500000000), which is -0.5 s,
+/// arrives as -1.5 s. So the distance before the epoch holds `-sec` in its seconds and the
+/// kernel's `nsec` unchanged in its nanoseconds; read them back as they are. (After 1970 the
+/// conversion is exact.)
+fn kernel_time(t: SystemTime) -> SetTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SetTime::At(d.as_secs() as i64, i64::from(d.subsec_nanos())),
+        Err(e) => {
+            let d = e.duration();
+            SetTime::At(
+                (d.as_secs() as i64).wrapping_neg(),
+                i64::from(d.subsec_nanos()),
+            )
+        }
+    }
 }
 
 const GEN: Generation = Generation(0);
@@ -652,5 +659,38 @@ fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// What fuser 0.18 hands us for the kernel's (sec, nsec).
+    fn from_kernel(sec: i64, nsec: u32) -> SystemTime {
+        if sec >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::new(sec as u64, nsec)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::new((-sec) as u64, nsec)
+        }
+    }
+
+    #[test]
+    fn kernel_times_round_trip_through_fuser() {
+        for (sec, nsec) in [
+            (0, 0),
+            (1, 5),
+            (1_700_000_000, 999_999_999),
+            (-1, 0),
+            (-1, 500_000_000),
+            (-86_400, 0),
+            (-315_619_200, 123_456_789),
+        ] {
+            match kernel_time(from_kernel(sec, nsec)) {
+                SetTime::At(s, n) => assert_eq!((s, n), (sec, i64::from(nsec))),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

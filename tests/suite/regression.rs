@@ -224,3 +224,60 @@ fn version_and_help_into_a_closed_pipe_exit_cleanly() {
         assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
     }
 }
+
+/// (seconds, nanoseconds) of a file's atime and mtime.
+fn times(p: &Path) -> [(i64, i64); 2] {
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    [(m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec())]
+}
+
+/// Found by review: fuser 0.18 turns the kernel's (sec=-1, nsec=500000000), i.e. -0.5 s, into
+/// -1.5 s, and `set_time` kept that, so utimensat with a pre-1970 time and nanoseconds stored
+/// the wrong second. Pre-1970 times must survive setattr, copy-up (metadata only and data)
+/// and a remount.
+#[test]
+fn pre_1970_timestamps_with_nanoseconds_survive() {
+    use crate::util::sys::set_times;
+    const HALF: (i64, i64) = (-1, 500_000_000);
+    const DAY: (i64, i64) = (-86_400, 0);
+    const OLD: (i64, i64) = (-315_619_200, 123_456_789); // 1960-01-01 plus a bit
+    let fx = Fixture::new(1);
+    fx.lower(0).file("meta", b"meta\n").file("data", b"data\n");
+    for f in ["meta", "data"] {
+        set_times(&fx.lowers[0].join(f), OLD, HALF).expect("utimensat below");
+    }
+    let m = fx.mount_stratafs("");
+    // Through the mount: the kernel's own (sec, nsec) pairs, both orders.
+    fs::write(m.join("a"), b"a").expect("create a");
+    fs::write(m.join("b"), b"b").expect("create b");
+    set_times(&m.join("a"), HALF, DAY).expect("utimensat a");
+    set_times(&m.join("b"), DAY, HALF).expect("utimensat b");
+    assert_eq!(times(&m.join("a")), [HALF, DAY], "a through the mount");
+    assert_eq!(times(&m.join("b")), [DAY, HALF], "b through the mount");
+    // Lower files with pre-1970 times: shown right, kept by both kinds of copy-up.
+    assert_eq!(times(&m.join("meta")), [OLD, HALF], "lower file as shown");
+    fs::set_permissions(m.join("meta"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    drop(
+        OpenOptions::new()
+            .write(true)
+            .open(m.join("data"))
+            .expect("write-open (copy-up)"),
+    );
+    for f in ["meta", "data"] {
+        assert_eq!(times(&m.join(f)), [OLD, HALF], "{f} after copy-up");
+    }
+    m.unmount();
+    let want = [
+        ("a", [HALF, DAY]),
+        ("b", [DAY, HALF]),
+        ("meta", [OLD, HALF]),
+        ("data", [OLD, HALF]),
+    ];
+    for (f, t) in want {
+        assert_eq!(times(&fx.upper.join(f)), t, "{f} in the upper layer");
+    }
+    let m = fx.mount_stratafs("");
+    for (f, t) in want {
+        assert_eq!(times(&m.join(f)), t, "{f} after remount");
+    }
+}
