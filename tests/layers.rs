@@ -453,6 +453,14 @@ fn hostile_archives_are_refused() {
             matches!(err, Error::Hostile { .. } | Error::Corrupt(_)),
             "{what}: unexpected error kind {err:?}"
         );
+        if *what == "absurd size" {
+            // The size limit refuses it, from the header alone (the data is not there).
+            assert!(
+                matches!(&err, Error::Hostile { path, why }
+                    if path == "huge" && why == "absurd size 1125899906842624 (limit 1099511627776)"),
+                "{what}: {err:?}"
+            );
+        }
         assert!(!s.exists(&id), "{what}: layer left behind");
         assert!(
             !s.root().join(&id).exists(),
@@ -474,6 +482,41 @@ fn hostile_archives_are_refused() {
             "{what}: scratch left"
         );
     }
+    // The size limit on a complete, well-formed archive: a lowered limit refuses the file
+    // that the default accepts, with the limit named in the error.
+    let mut tb = TarBuf::new();
+    tb.dir("d/", 0o755)
+        .file("d/small", 0o644, b"ok")
+        .file("d/big", 0o644, &[b'x'; 5000]);
+    let sized = tb.done();
+    let mut limited = store(t.path(), Backend::Stratafs);
+    limited.apply.max_entry_size = 4096;
+    let err = limited
+        .create_from_tar("hsize", None, &sized[..], None)
+        .unwrap_err();
+    match &err {
+        Error::Hostile { path, why } => {
+            assert_eq!(path, "d/big");
+            assert_eq!(why, "absurd size 5000 (limit 4096)");
+        }
+        e => panic!("size limit: {e:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        "refusing archive entry \"d/big\": absurd size 5000 (limit 4096)"
+    );
+    assert!(!limited.exists("hsize") && !s.root().join("hsize").exists());
+    assert_eq!(fs::read_dir(s.root().join(".tmp")).unwrap().count(), 0);
+    limited.apply.max_entry_size = 5000;
+    limited
+        .create_from_tar("hsize", None, &sized[..], None)
+        .unwrap();
+    assert_eq!(
+        fs::read(s.root().join("hsize/diff/d/big")).unwrap().len(),
+        5000
+    );
+    limited.remove("hsize").unwrap();
+
     // Device nodes in an unprivileged apply.
     let mut unpriv = store(t.path(), Backend::Stratafs);
     unpriv.apply.allow_devices = false;
@@ -764,6 +807,198 @@ fn fixture_layers() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         oci.into_inner().unwrap(),
         bad.into_inner().unwrap(),
     )
+}
+
+/// How a layer blob of [`image_archive`] is spoiled.
+#[derive(Clone, Copy, PartialEq)]
+enum Spoil {
+    None,
+    /// One data byte of its first entry (a file) flipped: still a valid tar, another DiffID.
+    Data,
+    /// Gzipped with another header mtime: the same tar and DiffID, another blob digest (only
+    /// found after the layer is applied).
+    GzipHeader,
+}
+
+/// An image archive of `layers` (plain tars, bottom first): an OCI layout tar (the last layer
+/// gzip-compressed) or, with `docker`, a `docker save` tar of the old `<id>/layer.tar` shape.
+/// `spoil` changes the last layer blob only.
+fn image_archive(layers: &[Vec<u8>], name: &str, docker: bool, spoil: Spoil) -> Vec<u8> {
+    let ids: Vec<String> = layers.iter().map(|l| digest::sha256_str(l)).collect();
+    let cfg = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": ids },
+    }))
+    .unwrap();
+    let cfg_d = digest::sha256_str(&cfg);
+    let hex = |d: &str| d["sha256:".len()..].to_string();
+    let add = |b: &mut tar::Builder<Vec<u8>>, p: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, p, data).unwrap();
+    };
+    let last = layers.len() - 1;
+    let mut b = tar::Builder::new(Vec::new());
+    if docker {
+        add(&mut b, &format!("{}.json", hex(&cfg_d)), &cfg);
+        let mut paths = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let mut l = l.clone();
+            if i == last && spoil == Spoil::Data {
+                l[512] ^= 1;
+            }
+            let p = format!("{i:04}/layer.tar");
+            add(&mut b, &p, &l);
+            paths.push(p);
+        }
+        let man = serde_json::json!([{ "Config": format!("{}.json", hex(&cfg_d)),
+            "RepoTags": [name], "Layers": paths }]);
+        add(&mut b, "manifest.json", &serde_json::to_vec(&man).unwrap());
+        return b.into_inner().unwrap();
+    }
+    let mut descs = Vec::new();
+    let mut blobs = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let (blob, mt) = if i == last {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(l).unwrap();
+            let gz = gz.finish().unwrap();
+            (gz, "application/vnd.oci.image.layer.v1.tar+gzip")
+        } else {
+            (l.clone(), "application/vnd.oci.image.layer.v1.tar")
+        };
+        let d = digest::sha256_str(&blob);
+        descs.push(serde_json::json!({ "mediaType": mt, "digest": d, "size": blob.len() }));
+        let mut stored = blob;
+        if i == last {
+            match spoil {
+                Spoil::None => {}
+                Spoil::Data => {
+                    // Re-compress a tar with one data byte flipped.
+                    let mut l = l.clone();
+                    l[512] ^= 1;
+                    let mut gz =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    gz.write_all(&l).unwrap();
+                    stored = gz.finish().unwrap();
+                }
+                Spoil::GzipHeader => stored[4] ^= 1, // MTIME: the same content
+            }
+        }
+        blobs.push((d, stored));
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_d, "size": cfg.len() },
+        "layers": descs }))
+    .unwrap();
+    let man_d = digest::sha256_str(&manifest);
+    let index = serde_json::to_vec(&serde_json::json!({ "schemaVersion": 2, "manifests": [
+        { "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": man_d, "size": manifest.len(),
+          "annotations": { "org.opencontainers.image.ref.name": name } } ] }))
+    .unwrap();
+    add(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add(&mut b, "index.json", &index);
+    add(&mut b, &format!("blobs/sha256/{}", hex(&cfg_d)), &cfg);
+    add(&mut b, &format!("blobs/sha256/{}", hex(&man_d)), &manifest);
+    for (d, data) in &blobs {
+        add(&mut b, &format!("blobs/sha256/{}", hex(d)), data);
+    }
+    b.into_inner().unwrap()
+}
+
+fn third_tar() -> Vec<u8> {
+    let mut t = TarBuf::new();
+    t.file("third", 0o644, b"third layer\n")
+        .file(".wh.added", 0o644, b"")
+        .dir("etc/", 0o755)
+        .file("etc/hello", 0o644, b"hello three\n");
+    t.done()
+}
+
+/// A failed import removes every layer it created (the last layer spoiled, so the ones below
+/// were already in) and keeps the layers that were there before, shared with another image.
+#[test]
+fn failed_import_leaves_no_orphan_layers() {
+    let t = tempfile::tempdir().unwrap();
+    let images = ImageStore::new(store(t.path(), Backend::Stratafs)).unwrap();
+    let layers = [base_tar(), top_tar(), third_tar()];
+    let shared = t.path().join("shared.tar");
+    fs::write(
+        &shared,
+        image_archive(&layers[..1], "fixture/shared:1", false, Spoil::None),
+    )
+    .unwrap();
+    let base = images.import(&shared, None, &mut Quiet).unwrap();
+    let before = images.layers.list().unwrap();
+    assert_eq!(before, base.layer_ids());
+    let base_diff = tree(&images.layers.root().join(&before[0]).join("diff"));
+    for (what, docker, spoil) in [
+        ("oci, data of the last layer", false, Spoil::Data),
+        (
+            "oci, gzip header of the last layer",
+            false,
+            Spoil::GzipHeader,
+        ),
+        ("docker save, data of the last layer", true, Spoil::Data),
+    ] {
+        let bad = t.path().join("bad.tar");
+        fs::write(&bad, image_archive(&layers, "fixture/bad:1", docker, spoil)).unwrap();
+        let err = images.import(&bad, None, &mut Quiet).unwrap_err();
+        assert!(matches!(err, Error::Digest { .. }), "{what}: {err}");
+        assert_eq!(
+            images.layers.list().unwrap(),
+            before,
+            "{what}: layers the failed import made are left"
+        );
+        assert_eq!(
+            tree(&images.layers.root().join(&before[0]).join("diff")),
+            base_diff,
+            "{what}: the shared layer changed"
+        );
+        assert_eq!(images.list().unwrap(), vec![base.clone()], "{what}");
+        assert!(matches!(
+            images.find("fixture/bad:1"),
+            Err(Error::ImageNotFound(_))
+        ));
+        assert_eq!(
+            fs::read_dir(images.layers.root().join(".tmp"))
+                .unwrap()
+                .count(),
+            0,
+            "{what}: scratch left"
+        );
+        assert_eq!(
+            fs::read_dir(images.layers.root().join("l"))
+                .unwrap()
+                .count(),
+            1,
+            "{what}: short links left"
+        );
+    }
+    // The same archives unspoiled import, onto the shared layer.
+    for docker in [false, true] {
+        let good = t.path().join("good.tar");
+        fs::write(
+            &good,
+            image_archive(&layers, "fixture/good:1", docker, Spoil::None),
+        )
+        .unwrap();
+        let rec = images.import(&good, None, &mut Quiet).unwrap();
+        assert_eq!(rec.layer_ids()[0], before[0]);
+        assert_eq!(images.layers.list().unwrap().len(), 3);
+    }
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    images.mount("fixture/good:1", &mnt, true).unwrap();
+    let _g = ImageMount {
+        images: &images,
+        mnt: mnt.clone(),
+    };
+    assert_eq!(fs::read(mnt.join("etc/hello")).unwrap(), b"hello three\n");
+    assert_eq!(fs::read(mnt.join("third")).unwrap(), b"third layer\n");
+    assert!(!mnt.join("added").exists() && !mnt.join("etc/gone").exists());
 }
 
 #[test]

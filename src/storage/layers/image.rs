@@ -436,21 +436,50 @@ impl ImageStore {
                 "neither manifest.json (docker save) nor index.json (OCI layout)".into(),
             ));
         };
-        let mut first = None;
-        for plan in plans {
-            let rec = self.import_one(src.as_mut(), plan, name, progress)?;
-            first.get_or_insert(rec);
+        // All or nothing: the layers this import creates are removed again when any later
+        // step fails (layers that were already there, shared with other images, stay), and
+        // records are written only once every image's layers are in.
+        let mut created: Vec<String> = Vec::new();
+        let mut new_records: Vec<String> = Vec::new();
+        let res = (|| -> Result<ImageRecord> {
+            let mut staged = Vec::new();
+            for plan in plans {
+                staged.push(self.import_one(src.as_mut(), plan, name, progress, &mut created)?);
+            }
+            let mut first = None;
+            for (rec, config) in staged {
+                if !self.record_path(&rec.id).exists() {
+                    new_records.push(rec.id.clone());
+                }
+                self.save(&rec, &config)?;
+                first.get_or_insert(rec);
+            }
+            Ok(first.expect("at least one plan"))
+        })();
+        if res.is_err() {
+            for id in &new_records {
+                let _ = fs::remove_file(self.record_path(id));
+                let _ = fs::remove_file(self.config_path(id));
+            }
+            // Children first. A layer another process has meanwhile built on stays (InUse):
+            // it is no orphan then.
+            for lid in created.iter().rev() {
+                let _ = self.layers.remove(lid);
+            }
         }
-        Ok(first.expect("at least one plan"))
+        res
     }
 
+    /// Stores the layers of one image (appending the ids of those it creates to `created`);
+    /// returns the record and config to save.
     fn import_one(
         &self,
         src: &mut dyn Source,
         plan: Plan,
         name: Option<&str>,
         progress: &mut dyn Progress,
-    ) -> Result<ImageRecord> {
+        created: &mut Vec<String>,
+    ) -> Result<(ImageRecord, Vec<u8>)> {
         let config = src.read_small(&plan.config)?;
         let id = digest::sha256_str(&config);
         if let Some(want) = &plan.config_digest
@@ -491,17 +520,24 @@ impl ImageStore {
                 progress.layer(i, total, &format!("{} applying", &lid[..12]));
                 let raw = src.open(path)?;
                 let mut hr = HashingReader::new(raw);
-                self.layers.create_from_tar(
+                match self.layers.create_from_tar(
                     &lid,
                     parent.as_deref(),
                     &mut hr,
                     Some(&diff_ids[i]),
-                )?;
+                ) {
+                    Ok(_) => created.push(lid.clone()),
+                    // Another import stored the same ChainID meanwhile: it is that one's.
+                    Err(Error::Exists(_)) => {
+                        parent = Some(lid);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
                 io::copy(&mut hr, &mut io::sink()).ctx(|| format!("read {path}"))?;
                 if let Some(want) = blob_digest {
                     let got = hr.digest();
                     if *want != got {
-                        let _ = self.layers.remove(&lid);
                         return Err(Error::Digest {
                             what: format!("layer blob {path}"),
                             expected: want.clone(),
@@ -530,8 +566,7 @@ impl ImageStore {
             diff_ids,
             chain_ids,
         };
-        self.save(&rec, &config)?;
-        Ok(rec)
+        Ok((rec, config))
     }
 
     /// The record and the config, as one JSON value.
