@@ -1103,6 +1103,64 @@ fn images_import_share_mount_commit_export_rm() {
     }
 }
 
+/// An OCI image layout as a directory (the fixture's OCI tar unpacked by tar(1)) imports to
+/// the same image and rootfs as the tar.
+#[test]
+fn oci_layout_directory_imports_like_the_tar() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, oci, bad) = fixture_layers();
+    let (tar_path, dir, bad_dir) = (
+        t.path().join("oci.tar"),
+        t.path().join("oci-dir"),
+        t.path().join("bad-dir"),
+    );
+    fs::write(&tar_path, &oci).unwrap();
+    fs::write(t.path().join("bad.tar"), &bad).unwrap();
+    for (d, from) in [(&dir, &tar_path), (&bad_dir, &t.path().join("bad.tar"))] {
+        fs::create_dir(d).unwrap();
+        sh(Command::new("tar").arg("-C").arg(d).arg("-xf").arg(from));
+    }
+    assert!(dir.join("index.json").is_file() && dir.join("blobs/sha256").is_dir());
+    for backend in BACKENDS {
+        let from_dir =
+            ImageStore::new(store(&t.path().join(format!("d-{backend:?}")), backend)).unwrap();
+        let from_tar =
+            ImageStore::new(store(&t.path().join(format!("t-{backend:?}")), backend)).unwrap();
+        // Digests are verified from a directory too, and nothing is kept.
+        let err = from_dir.import(&bad_dir, None, &mut Quiet).unwrap_err();
+        assert!(matches!(err, Error::Digest { .. }), "{err}");
+        assert!(from_dir.layers.list().unwrap().is_empty());
+        let a = from_dir.import(&dir, None, &mut Quiet).unwrap();
+        let b = from_tar.import(&tar_path, None, &mut Quiet).unwrap();
+        assert_eq!(a, b, "{backend:?}: the same record");
+        assert_eq!(a.names, vec!["fixture/oci:2".to_string()]);
+        assert_eq!(from_dir.layers.list().unwrap(), a.layer_ids());
+        let (m1, m2) = (
+            t.path().join(format!("m1-{backend:?}")),
+            t.path().join(format!("m2-{backend:?}")),
+        );
+        fs::create_dir(&m1).unwrap();
+        fs::create_dir(&m2).unwrap();
+        from_dir.mount("fixture/oci:2", &m1, true).unwrap();
+        let _g1 = ImageMount {
+            images: &from_dir,
+            mnt: m1.clone(),
+        };
+        from_tar.mount("fixture/oci:2", &m2, true).unwrap();
+        let _g2 = ImageMount {
+            images: &from_tar,
+            mnt: m2.clone(),
+        };
+        let got = tree(&m1);
+        assert_eq!(got, tree(&m2), "{backend:?}");
+        assert!(
+            got["etc/hello"].contains("mode=640"),
+            "{backend:?}: top layer"
+        );
+        assert!(!got.contains_key("etc/gone") && !got.contains_key("opq/old"));
+    }
+}
+
 fn podman() -> Option<PathBuf> {
     let ok = Command::new("podman")
         .arg("--version")
