@@ -1679,7 +1679,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         let ls = ctr.snapshots(&["ls"]);
         assert!(ls.contains("mine-1") && ls.contains("view-1"), "{ls}");
         assert!(!ls.contains("work-1"), "{ls}");
-        assert!(!ls.contains("view-2"), "an unrooted view survived a forced GC: {ls}");
+        assert!(
+            !ls.contains("view-2"),
+            "an unrooted view survived a forced GC: {ls}"
+        );
         assert_eq!(backend_dirs(), before, "GC removed view-2 from the backend");
         let usage = ctr.snapshots(&["usage", "mine-1"]);
         assert!(usage.contains("mine-1"), "{usage}");
@@ -1724,5 +1727,452 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         }
         assert!(left.is_empty(), "directories left: {left:?}");
         drop(world);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash consistency: `kill -9` of the CLI during prepare, commit and rm
+
+mod crash {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeSet;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    /// Kill points per operation.
+    const KILLS: usize = 10;
+    /// Files in the snapshot each operation works on (in `DIRS` directories): enough that
+    /// copying (prepare, native), measuring (commit) and deleting (rm) take a while.
+    const FILES: usize = 3000;
+    const DIRS: usize = 30;
+    const CNS: &str = "crash";
+
+    fn seed() -> u64 {
+        let s = std::env::var("STRATAFS_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("seed {s} (replay with STRATAFS_SEED={s})");
+        s
+    }
+
+    /// A CLI child, killed and reaped on drop.
+    struct ChildGuard(Option<Child>);
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    struct Root {
+        root: PathBuf,
+        _tmp: tempfile::TempDir,
+    }
+
+    impl Root {
+        fn new() -> Root {
+            let tmp = tempfile::Builder::new()
+                .prefix("stratafs-snapcrash-")
+                .tempdir()
+                .unwrap();
+            Root {
+                root: tmp.path().join("root"),
+                _tmp: tmp,
+            }
+        }
+
+        /// Reopens the store, as a new process would after the crash.
+        fn open(&self) -> Snapshotter {
+            Snapshotter::open(Config {
+                root: self.root.clone(),
+                backend: Backend::Native,
+                stratafs_bin: BIN.into(),
+            })
+            .unwrap_or_else(|e| panic!("reopen after the kill: {e}"))
+        }
+
+        fn cli(&self, args: &[&str]) -> Command {
+            let mut c = Command::new(BIN);
+            c.arg("snapshots")
+                .arg("--root")
+                .arg(&self.root)
+                .args(["--backend", "native", "-n", CNS])
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            c
+        }
+
+        fn dir_names(&self) -> BTreeSet<String> {
+            fs::read_dir(self.root.join("snapshots"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        }
+    }
+
+    /// The directory id of every record; each record's directory must exist.
+    fn record_ids(sn: &Snapshotter) -> Result<BTreeSet<String>, String> {
+        let mut ids = BTreeSet::new();
+        for info in sn.walk(CNS, &[]).map_err(|e| e.to_string())? {
+            let layer = sn.layer_dir(CNS, &info.name).map_err(|e| e.to_string())?;
+            if !layer.is_dir() {
+                return Err(format!(
+                    "record {} without its directory {layer:?}",
+                    info.name
+                ));
+            }
+            let id = layer.parent().unwrap().file_name().unwrap();
+            ids.insert(id.to_string_lossy().into_owned());
+        }
+        Ok(ids)
+    }
+
+    /// Metadata and directories agree: every record has its directory, and after `cleanup`
+    /// every directory has its record.
+    fn check_agreement(r: &Root, sn: &Snapshotter) -> Result<Vec<String>, String> {
+        let before = record_ids(sn)?;
+        let removed = sn.cleanup().map_err(|e| format!("cleanup: {e}"))?.removed;
+        let after = record_ids(sn)?;
+        if before != after {
+            return Err(format!(
+                "cleanup changed the records: {before:?} -> {after:?}"
+            ));
+        }
+        let dirs = r.dir_names();
+        if dirs != after {
+            return Err(format!(
+                "after cleanup, directories {dirs:?} but records own {after:?}"
+            ));
+        }
+        Ok(removed)
+    }
+
+    fn populate(fs_dir: &Path) {
+        for d in 0..DIRS {
+            let dir = fs_dir.join(format!("d{d}"));
+            fs::create_dir(&dir).unwrap();
+            for f in 0..FILES / DIRS {
+                fs::write(dir.join(format!("f{f}")), format!("file {d}/{f}\n")).unwrap();
+            }
+        }
+    }
+
+    /// The tree `populate` made, complete and byte-exact.
+    fn check_populated(fs_dir: &Path) -> Result<(), String> {
+        let mut n = 0;
+        for d in 0..DIRS {
+            let dir = fs_dir.join(format!("d{d}"));
+            let count = fs::read_dir(&dir)
+                .map_err(|e| format!("{dir:?}: {e}"))?
+                .count();
+            if count != FILES / DIRS {
+                return Err(format!("{dir:?} holds {count} entries"));
+            }
+            for f in 0..FILES / DIRS {
+                let p = dir.join(format!("f{f}"));
+                let got = fs::read(&p).map_err(|e| format!("{p:?}: {e}"))?;
+                if got != format!("file {d}/{f}\n").as_bytes() {
+                    return Err(format!("{p:?} holds {got:?}"));
+                }
+                n += 1;
+            }
+        }
+        assert_eq!(n, FILES);
+        Ok(())
+    }
+
+    /// An active snapshot `key` holding the populated tree.
+    fn active_with_files(sn: &Snapshotter, key: &str) {
+        sn.prepare(CNS, key, None, BTreeMap::new()).unwrap();
+        populate(&sn.layer_dir(CNS, key).unwrap());
+    }
+
+    #[derive(Default, Debug)]
+    struct Tally {
+        /// The process had the database or a snapshot directory open when it was killed.
+        in_flight: usize,
+        /// A half-done state was left on disk (and collected by cleanup).
+        leftovers: usize,
+        /// Killed before it had opened anything of the store.
+        before: usize,
+        /// Exited (successfully) before the kill.
+        finished: usize,
+        old_state: usize,
+        new_state: usize,
+    }
+
+    /// Runs `args`, kills it after `delay` unless it has exited. Returns whether it was killed
+    /// while holding an fd under the root.
+    fn run_and_kill(r: &Root, args: &[&str], delay: Duration, tally: &mut Tally) {
+        let mut guard = ChildGuard(Some(r.cli(args).spawn().unwrap()));
+        let child = guard.0.as_mut().unwrap();
+        std::thread::sleep(delay);
+        let pid = child.id();
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{args:?} failed uninterrupted: {st}");
+            tally.finished += 1;
+            return;
+        }
+        let holds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                    .any(|t| t.starts_with(&r.root))
+            })
+            .unwrap_or(false);
+        child.kill().unwrap();
+        let st = child.wait().unwrap();
+        guard.0 = None;
+        use std::os::unix::process::ExitStatusExt;
+        if st.signal() == Some(9) {
+            if holds {
+                tally.in_flight += 1;
+            } else {
+                tally.before += 1;
+            }
+        } else {
+            assert!(st.success(), "{args:?} failed: {st}");
+            tally.finished += 1;
+        }
+    }
+
+    /// Times one uninterrupted run of `args` (which must succeed).
+    fn timed(r: &Root, args: &[&str]) -> Duration {
+        let t = Instant::now();
+        let out = r.cli(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed()
+    }
+
+    /// Log-uniform between T/40 (at least 1 ms) and 1.1 T.
+    fn kill_delay(rng: &mut StdRng, t: Duration) -> Duration {
+        let lo = (t.as_secs_f64() / 40.0).max(0.001);
+        let hi = t.as_secs_f64() * 1.1;
+        let x: f64 = rng.random_range(lo.ln()..hi.ln());
+        Duration::from_secs_f64(x.exp())
+    }
+
+    fn report(op: &str, t: Duration, tally: &Tally, started: Instant) {
+        eprintln!(
+            "crash {op}: {KILLS} kill points over {t:?} runs: {} in flight ({} left half-done \
+             state), {} before open, {} after exit; {} old state, {} new state; {:?}",
+            tally.in_flight,
+            tally.leftovers,
+            tally.before,
+            tally.finished,
+            tally.old_state,
+            tally.new_state,
+            started.elapsed()
+        );
+        assert!(
+            tally.in_flight >= 2,
+            "{op}: too few kills landed during the operation: {tally:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{op}: bounded time"
+        );
+    }
+
+    #[test]
+    fn kill_9_during_prepare_of_a_full_copy() {
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed());
+        let r = Root::new();
+        let sn = r.open();
+        active_with_files(&sn, "base-active");
+        sn.commit(CNS, "base", "base-active", BTreeMap::new())
+            .unwrap();
+        drop(sn);
+        // The native backend copies the parent's whole tree into the new snapshot.
+        let t = timed(&r, &["prepare", "calibrate", "base"]);
+        let sn = r.open();
+        check_populated(&sn.layer_dir(CNS, "calibrate").unwrap()).unwrap();
+        sn.remove(CNS, "calibrate").unwrap();
+        drop(sn);
+        let mut tally = Tally::default();
+        for i in 0..KILLS {
+            let key = format!("child-{i}");
+            let delay = kill_delay(&mut rng, t);
+            run_and_kill(&r, &["prepare", &key, "base"], delay, &mut tally);
+            let sn = r.open();
+            let dirs = r.dir_names();
+            match sn.stat(CNS, &key) {
+                Ok(info) => {
+                    tally.new_state += 1;
+                    assert_eq!(info.kind, Kind::Active);
+                    assert_eq!(info.parent.as_deref(), Some("base"));
+                    check_populated(&sn.layer_dir(CNS, &key).unwrap())
+                        .unwrap_or_else(|e| panic!("kill {i} after {delay:?}: {e}"));
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+                    tally.old_state += 1;
+                }
+            }
+            let removed = check_agreement(&r, &sn)
+                .unwrap_or_else(|e| panic!("kill {i} after {delay:?}: {e} (dirs {dirs:?})"));
+            if !removed.is_empty() {
+                tally.leftovers += 1;
+            }
+            // The store works on: the prepare can be done (again) and undone.
+            if sn.stat(CNS, &key).is_err() {
+                sn.prepare(CNS, &key, Some("base"), BTreeMap::new())
+                    .unwrap();
+            }
+            check_populated(&sn.layer_dir(CNS, &key).unwrap()).unwrap();
+            sn.remove(CNS, &key).unwrap();
+            check_populated(&sn.layer_dir(CNS, "base").unwrap()).unwrap();
+        }
+        report("prepare", t, &tally, started);
+    }
+
+    #[test]
+    fn kill_9_during_commit() {
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed());
+        let r = Root::new();
+        let sn = r.open();
+        active_with_files(&sn, "calibrate-active");
+        let expected = stratafs::storage::snapshots::disk_usage(
+            &sn.layer_dir(CNS, "calibrate-active").unwrap(),
+        )
+        .unwrap();
+        drop(sn);
+        // Commit measures the layer's usage (a walk of every file), then commits.
+        let t = timed(&r, &["commit", "calibrate", "calibrate-active"]);
+        let mut sn = r.open();
+        assert_eq!(sn.usage(CNS, "calibrate").unwrap(), expected);
+        sn.remove(CNS, "calibrate").unwrap();
+        let mut tally = Tally::default();
+        for i in 0..KILLS {
+            let key = format!("active-{i}");
+            let name = format!("committed-{i}");
+            active_with_files(&sn, &key);
+            let usage = stratafs::storage::snapshots::disk_usage(&sn.layer_dir(CNS, &key).unwrap())
+                .unwrap();
+            drop(sn);
+            let delay = kill_delay(&mut rng, t);
+            run_and_kill(&r, &["commit", &name, &key], delay, &mut tally);
+            let sn2 = r.open();
+            let active = sn2.stat(CNS, &key);
+            let committed = sn2.stat(CNS, &name);
+            match (&active, &committed) {
+                (Ok(a), Err(e)) => {
+                    assert_eq!(a.kind, Kind::Active);
+                    assert_eq!(e.kind(), ErrorKind::NotFound);
+                    tally.old_state += 1;
+                }
+                (Err(e), Ok(c)) => {
+                    assert_eq!(e.kind(), ErrorKind::NotFound);
+                    assert_eq!(c.kind, Kind::Committed);
+                    assert_eq!(sn2.usage(CNS, &name).unwrap(), usage, "recorded usage");
+                    tally.new_state += 1;
+                }
+                _ => panic!(
+                    "kill {i} after {delay:?}: neither old nor new: {active:?} {committed:?}"
+                ),
+            }
+            let live = if active.is_ok() { &key } else { &name };
+            check_populated(&sn2.layer_dir(CNS, live).unwrap()).unwrap();
+            if !check_agreement(&r, &sn2)
+                .unwrap_or_else(|e| panic!("kill {i} after {delay:?}: {e}"))
+                .is_empty()
+            {
+                tally.leftovers += 1;
+            }
+            if active.is_ok() {
+                sn2.commit(CNS, &name, &key, BTreeMap::new()).unwrap();
+                assert_eq!(sn2.usage(CNS, &name).unwrap(), usage);
+            }
+            // A child of the committed snapshot sees its files (native: a full copy).
+            sn2.view(CNS, &format!("view-{i}"), Some(&name), BTreeMap::new())
+                .unwrap();
+            check_populated(&sn2.layer_dir(CNS, &format!("view-{i}")).unwrap()).unwrap();
+            sn2.remove(CNS, &format!("view-{i}")).unwrap();
+            sn2.remove(CNS, &name).unwrap();
+            drop(sn2);
+            sn = r.open();
+        }
+        report("commit", t, &tally, started);
+    }
+
+    #[test]
+    fn kill_9_during_rm() {
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed());
+        let r = Root::new();
+        let sn = r.open();
+        // A committed parent with a child: removing the child never touches the parent.
+        sn.prepare(CNS, "parent-active", None, BTreeMap::new())
+            .unwrap();
+        fs::write(
+            sn.layer_dir(CNS, "parent-active").unwrap().join("p"),
+            b"parent\n",
+        )
+        .unwrap();
+        sn.commit(CNS, "parent", "parent-active", BTreeMap::new())
+            .unwrap();
+        sn.prepare(CNS, "calibrate", Some("parent"), BTreeMap::new())
+            .unwrap();
+        populate(&sn.layer_dir(CNS, "calibrate").unwrap());
+        drop(sn);
+        let t = timed(&r, &["rm", "calibrate"]);
+        let mut tally = Tally::default();
+        for i in 0..KILLS {
+            let key = format!("victim-{i}");
+            let sn = r.open();
+            sn.prepare(CNS, &key, Some("parent"), BTreeMap::new())
+                .unwrap();
+            populate(&sn.layer_dir(CNS, &key).unwrap());
+            drop(sn);
+            let delay = kill_delay(&mut rng, t);
+            run_and_kill(&r, &["rm", &key], delay, &mut tally);
+            let sn = r.open();
+            match sn.stat(CNS, &key) {
+                Ok(_) => {
+                    // The record goes first: while it is there, the directory is untouched.
+                    check_populated(&sn.layer_dir(CNS, &key).unwrap())
+                        .unwrap_or_else(|e| panic!("kill {i} after {delay:?}: {e}"));
+                    tally.old_state += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+                    tally.new_state += 1;
+                }
+            }
+            if !check_agreement(&r, &sn)
+                .unwrap_or_else(|e| panic!("kill {i} after {delay:?}: {e}"))
+                .is_empty()
+            {
+                tally.leftovers += 1;
+            }
+            if sn.stat(CNS, &key).is_ok() {
+                sn.remove(CNS, &key).unwrap();
+            }
+            assert_eq!(
+                fs::read(sn.layer_dir(CNS, "parent").unwrap().join("p")).unwrap(),
+                b"parent\n"
+            );
+            assert_eq!(r.dir_names().len(), 1, "only the parent is left");
+        }
+        report("rm", t, &tally, started);
+        assert!(tally.leftovers >= 1, "no kill landed mid-delete: {tally:?}");
     }
 }
