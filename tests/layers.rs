@@ -2,7 +2,8 @@
 //! (stratafs FUSE and kernel overlayfs).
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -1179,7 +1180,132 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Archives podman wrote (docker-archive and oci-archive) import to the rootfs podman mounts.
+/// podman with private storage and configuration under `dir` (the kernel's overlay driver,
+/// runc, cgroupfs, no network: the configuration scripts/podman-test uses), so nothing in
+/// /etc/containers or /var/lib/containers is touched. Dropping it resets that storage and
+/// unmounts whatever is left under `dir`.
+struct Podman {
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new(bin: PathBuf, dir: &Path) -> Podman {
+        fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{d}/graph\"\nrunroot = \"{d}/run\"\n"
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("containers.conf"),
+            format!(
+                r#"[containers]
+netns = "none"
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+log_driver = "k8s-file"
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+tmp_dir = "{d}/tmp"
+static_dir = "{d}/graph/libpod"
+volume_path = "{d}/graph/volumes"
+
+[network]
+network_config_dir = "{d}/net"
+"#
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("registries.conf"),
+            "unqualified-search-registries = []\n",
+        )
+        .unwrap();
+        Podman {
+            bin,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env(
+                "CONTAINERS_REGISTRIES_CONF",
+                self.dir.join("registries.conf"),
+            );
+        c
+    }
+
+    fn run(&self, args: &[&OsStr]) -> String {
+        sh(self.cmd().args(args))
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["image", "unmount", "-a"]).output();
+        let _ = self.cmd().args(["system", "reset", "-f"]).output();
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut left: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(&self.dir))
+            .collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+/// Names of the entries of every layer tar inside an image archive (docker-archive or
+/// oci-archive; gzip layers are unpacked).
+fn layer_entries(archive: &Path) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(File::open(archive).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        if data.starts_with(&[0x1f, 0x8b]) {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&data[..])
+                .read_to_end(&mut plain)
+                .unwrap();
+            data = plain;
+        }
+        if data.len() < 512 || &data[257..262] != b"ustar" {
+            continue; // a config, manifest or index
+        }
+        out.push(
+            tar::Archive::new(&data[..])
+                .entries()
+                .unwrap()
+                .map(|e| {
+                    let n = e.unwrap().path().unwrap().display().to_string();
+                    n.trim_start_matches("./").to_string()
+                })
+                .collect(),
+        );
+    }
+    out
+}
+
+/// Archives podman wrote (docker-archive, oci-archive and oci-dir) import to the rootfs
+/// podman mounts: of an imported rootfs, and of an image `podman build` made from it with
+/// files created and removed in separate steps, a file and a directory of the base removed
+/// and a directory replaced (layers with `.wh.` and `.wh..wh..opq` entries).
 #[test]
 fn podman_archives_match_podman_rootfs() {
     let Some(podman) = podman() else {
@@ -1187,57 +1313,132 @@ fn podman_archives_match_podman_rootfs() {
         return;
     };
     let t = tempfile::tempdir().unwrap();
+    let p = Podman::new(podman, &t.path().join("podman"));
     let rootfs = t.path().join("rootfs");
     apply_ok(&rootfs, &base_tar());
     fs::write(rootfs.join("etc/extra"), b"x".repeat(100_000)).unwrap();
+    // A shell for the RUN steps (busybox-static, as scripts/podman-test uses).
+    let busybox = Path::new("/bin/busybox");
+    let build = busybox.exists();
+    if build {
+        fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    } else {
+        println!("NOTE: no /bin/busybox; skipping the podman build part");
+    }
     let rt = t.path().join("rootfs.tar");
     sh(Command::new("tar")
         .arg("-C")
         .arg(&rootfs)
+        .arg("--numeric-owner")
         .arg("-cf")
         .arg(&rt)
         .arg("."));
-    let tag = format!("localhost/stratafs-test-{}:1", std::process::id());
-    sh(Command::new(&podman).arg("import").arg(&rt).arg(&tag));
-    let cleanup = scopeguard(|| {
-        let _ = Command::new("podman")
-            .args(["image", "unmount", "-a"])
-            .output();
-        let _ = Command::new("podman")
-            .args(["rmi", "-f"])
-            .arg(&tag)
-            .output();
-    });
-    let dock = t.path().join("docker.tar");
-    let oci = t.path().join("oci.tar");
-    sh(Command::new(&podman)
-        .args(["save", "--format", "docker-archive", "-o"])
-        .arg(&dock)
-        .arg(&tag));
-    sh(Command::new(&podman)
-        .args(["save", "--format", "oci-archive", "-o"])
-        .arg(&oci)
-        .arg(&tag));
-    let pmnt = PathBuf::from(sh(Command::new(&podman).args(["image", "mount"]).arg(&tag)).trim());
-    let want = tree(&pmnt);
-    assert!(want.contains_key("etc/extra"));
-    for backend in BACKENDS {
-        let images =
-            ImageStore::new(store(&t.path().join(format!("{backend:?}")), backend)).unwrap();
-        for archive in [&dock, &oci] {
-            let rec = images.import(archive, None, &mut Quiet).unwrap();
-            let mnt = t.path().join("mnt");
-            fs::create_dir_all(&mnt).unwrap();
-            images.mount(&rec.id, &mnt, true).unwrap();
-            let _g = ImageMount {
-                images: &images,
-                mnt: mnt.clone(),
-            };
-            let got = tree(&mnt);
-            assert_eq!(got, want, "{backend:?} {}", archive.display());
+    let tag = "localhost/stratafs-test:1";
+    let built = "localhost/stratafs-test-built:1";
+    p.run(&["import".as_ref(), rt.as_os_str(), tag.as_ref()]);
+    let mut tags = vec![tag];
+    if build {
+        let ctx = t.path().join("ctx");
+        fs::create_dir(&ctx).unwrap();
+        fs::write(
+            ctx.join("Containerfile"),
+            format!(
+                "FROM {tag}\n\
+                 RUN echo x > /file\n\
+                 RUN rm /file\n\
+                 RUN mkdir /d\n\
+                 RUN rm /etc/gone && rm -r /etc/sub\n\
+                 RUN rm -r /opq && mkdir /opq && echo n > /opq/n\n"
+            ),
+        )
+        .unwrap();
+        p.run(&[
+            "build".as_ref(),
+            "--network".as_ref(),
+            "none".as_ref(),
+            "-t".as_ref(),
+            built.as_ref(),
+            "-f".as_ref(),
+            ctx.join("Containerfile").as_os_str(),
+            ctx.as_os_str(),
+        ]);
+        tags.push(built);
+    }
+    for tag in tags {
+        let safe = tag.replace(['/', ':'], "_");
+        let dock = t.path().join(format!("{safe}-docker.tar"));
+        let oci = t.path().join(format!("{safe}-oci.tar"));
+        let ocidir = t.path().join(format!("{safe}-oci-dir"));
+        for (format, out) in [
+            ("docker-archive", &dock),
+            ("oci-archive", &oci),
+            ("oci-dir", &ocidir),
+        ] {
+            p.run(&[
+                "save".as_ref(),
+                "--format".as_ref(),
+                format.as_ref(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                tag.as_ref(),
+            ]);
+        }
+        assert!(ocidir.join("index.json").is_file());
+        if tag == built {
+            for archive in [&dock, &oci] {
+                let layers = layer_entries(archive);
+                assert_eq!(layers.len(), 6, "{}: {layers:?}", archive.display());
+                for want in [
+                    ".wh.file",
+                    "etc/.wh.gone",
+                    "etc/.wh.sub",
+                    "opq/.wh..wh..opq",
+                ] {
+                    assert!(
+                        layers.iter().any(|l| l.iter().any(|n| n == want)),
+                        "{}: no {want} in any layer: {layers:?}",
+                        archive.display()
+                    );
+                }
+            }
+        }
+        let pmnt = PathBuf::from(
+            p.run(&["image".as_ref(), "mount".as_ref(), tag.as_ref()])
+                .trim(),
+        );
+        let want = tree(&pmnt);
+        p.run(&["image".as_ref(), "unmount".as_ref(), tag.as_ref()]);
+        assert!(want.contains_key("etc/extra"));
+        if tag == built {
+            for gone in ["file", "etc/gone", "etc/sub", "etc/sub/deep", "opq/old"] {
+                assert!(!want.contains_key(gone), "podman's rootfs has {gone}");
+            }
+            assert!(want["d"].starts_with("dir") && want["opq/n"].starts_with("file"));
+        }
+        for backend in BACKENDS {
+            let images =
+                ImageStore::new(store(&t.path().join(format!("{backend:?}")), backend)).unwrap();
+            for archive in [&dock, &oci, &ocidir] {
+                let rec = images.import(archive, None, &mut Quiet).unwrap();
+                assert!(
+                    rec.names.iter().any(|n| n.ends_with(tag)),
+                    "{:?}",
+                    rec.names
+                );
+                let mnt = t.path().join("mnt");
+                fs::create_dir_all(&mnt).unwrap();
+                images.mount(&rec.id, &mnt, true).unwrap();
+                let _g = ImageMount {
+                    images: &images,
+                    mnt: mnt.clone(),
+                };
+                let got = tree(&mnt);
+                assert_eq!(got, want, "{backend:?} {}", archive.display());
+            }
         }
     }
-    drop(cleanup);
+    drop(p);
 }
 
 struct Guard<F: FnMut()>(F);
