@@ -78,6 +78,16 @@ pub fn run_stratafs<S: AsRef<OsStr>>(args: &[S], cwd: Option<&Path>) -> RunOutpu
 
 /// Runs any program as [`run_stratafs`] does.
 pub fn run_cmd<S: AsRef<OsStr>>(program: &str, args: &[S], cwd: Option<&Path>) -> RunOutput {
+    run_cmd_env(program, args, cwd, &[])
+}
+
+/// As [`run_cmd`], with `env` added to the environment.
+pub fn run_cmd_env<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    cwd: Option<&Path>,
+    env: &[(&str, &str)],
+) -> RunOutput {
     let out = tempfile::tempfile().expect("stdout file");
     let err = tempfile::tempfile().expect("stderr file");
     let mut cmd = Command::new(program);
@@ -88,6 +98,7 @@ pub fn run_cmd<S: AsRef<OsStr>>(program: &str, args: &[S], cwd: Option<&Path>) -
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
+    cmd.envs(env.iter().copied());
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
@@ -301,8 +312,32 @@ impl Mount {
         mnt: &Path,
         cwd: Option<&Path>,
     ) -> Result<Mount, RunOutput> {
+        Mount::stratafs_args_env(args, mnt, cwd, &[])
+    }
+
+    /// As [`Mount::stratafs`], with `env` (e.g. `STRATAFS_NO_PASSTHROUGH`) set for the daemon.
+    pub fn stratafs_env(layers: &Layers, mnt: &Path, extra: &str, env: &[(&str, &str)]) -> Mount {
+        let mut opts = layers.options();
+        if !extra.is_empty() {
+            opts.push(',');
+            opts.push_str(extra);
+        }
         let mnt = fs::canonicalize(mnt).expect("mountpoint");
-        let out = run_stratafs(args, cwd);
+        let args: Vec<OsString> = vec!["-o".into(), opts.into(), mnt.clone().into()];
+        Mount::stratafs_args_env(&args, &mnt, None, env).unwrap_or_else(|o| {
+            panic!("stratafs mount failed: {}", o.describe());
+        })
+    }
+
+    /// As [`Mount::stratafs_args`], with `env` set for the daemon.
+    pub fn stratafs_args_env<S: AsRef<OsStr>>(
+        args: &[S],
+        mnt: &Path,
+        cwd: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Mount, RunOutput> {
+        let mnt = fs::canonicalize(mnt).expect("mountpoint");
+        let out = run_cmd_env(bin(), args, cwd, env);
         let info = mount_info(&mnt);
         if !out.status.success() {
             assert!(

@@ -241,3 +241,32 @@ pub fn errno_name(n: i32) -> String {
     };
     name.to_string()
 }
+
+/// Writes `data` at `offset` of `f` through a shared writable mapping of its first `len`
+/// bytes, then msync(MS_SYNC) and munmap, as an editor or a database does.
+pub fn mmap_write(f: &File, len: usize, offset: usize, data: &[u8]) -> io::Result<()> {
+    assert!(offset + data.len() <= len, "write beyond the mapping");
+    // SAFETY: a fresh shared mapping of `len` bytes of an fd `f` owns; no Rust reference to
+    // it exists outside this function.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p` maps `len` bytes, `offset + data.len() <= len` (checked above), and the
+    // source slice cannot overlap a mapping made just now.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.cast::<u8>().add(offset), data.len()) };
+    // SAFETY: `p` and `len` are exactly the mapping made above.
+    let synced = check(unsafe { libc::msync(p, len, libc::MS_SYNC) });
+    // SAFETY: as above; the mapping is not used after this.
+    let unmapped = check(unsafe { libc::munmap(p, len) });
+    synced.and(unmapped)
+}
