@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -358,4 +358,88 @@ fn mmap_write_updates_mtime_and_ctime() {
             "the lower file must not change"
         );
     }
+}
+
+/// Every entry under `dir` (recursively, `dir` included): relative path -> st_ino, checking on
+/// the way that readdir's d_ino equals lstat's st_ino.
+fn inos_checked(root: &Path) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    out.insert(
+        String::new(),
+        fs::symlink_metadata(root).expect("lstat").ino(),
+    );
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).expect("readdir") {
+            let e = e.expect("dirent");
+            let st = fs::symlink_metadata(e.path()).expect("lstat");
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            assert_eq!(e.ino(), st.ino(), "d_ino != st_ino for {rel}");
+            if st.is_dir() {
+                todo.push(e.path());
+            }
+            out.insert(rel, st.ino());
+        }
+    }
+    out
+}
+
+/// Raised by review (a peer gave two libraries one st_ino and a compiler loaded the wrong
+/// one): lowers on two fresh tmpfs mounts hold the same inode numbers; the merged view must
+/// still give every object its own st_ino, with d_ino == st_ino, stable across a remount.
+#[test]
+fn lowers_on_different_filesystems_get_distinct_st_ino() {
+    use crate::util::mount::Tmpfs;
+    let fx = Fixture::new(0);
+    let t0 = Tmpfs::mount(&fx.scratch("t0"));
+    let t1 = Tmpfs::mount(&fx.scratch("t1"));
+    // The same creation order in each: the same inode numbers.
+    for (t, tag) in [(&t0, "0"), (&t1, "1")] {
+        let l = crate::util::Layer {
+            root: t.path().to_path_buf(),
+        };
+        l.dir("shared");
+        for i in 0..8 {
+            l.file(&format!("shared/f{tag}_{i}"), tag.as_bytes());
+            l.file(&format!("own{tag}/g{i}"), tag.as_bytes());
+        }
+    }
+    let lower_inos: Vec<std::collections::BTreeMap<String, u64>> =
+        [&t0, &t1].iter().map(|t| inos_checked(t.path())).collect();
+    let shared: std::collections::BTreeSet<u64> = lower_inos[0]
+        .values()
+        .filter(|i| lower_inos[1].values().any(|j| j == *i))
+        .copied()
+        .collect();
+    assert!(
+        shared.len() >= 8,
+        "precondition: the two tmpfs lowers should reuse inode numbers: {lower_inos:?}"
+    );
+    let layers = Layers {
+        lowers: vec![t0.path().to_path_buf(), t1.path().to_path_buf()],
+        upper: Some(fx.upper.clone()),
+        work: Some(fx.work.clone()),
+    };
+    let m = Mount::stratafs(&layers, &fx.mnt, "");
+    let merged = inos_checked(m.path());
+    assert_eq!(merged.len(), 1 + 1 + 16 + 2 + 16, "entries: {merged:?}");
+    let mut seen = std::collections::BTreeMap::new();
+    for (rel, ino) in &merged {
+        if let Some(other) = seen.insert(*ino, rel.clone()) {
+            panic!("{rel} and {other} share st_ino {ino}: {merged:?}");
+        }
+    }
+    // A copy-up from each lower keeps its number, and still collides with nothing.
+    for f in ["shared/f0_3", "shared/f1_3", "own1/g5"] {
+        OpenOptions::new()
+            .append(true)
+            .open(m.join(f))
+            .and_then(|mut h| h.write_all(b"+"))
+            .unwrap_or_else(|e| panic!("append {f}: {e}"));
+    }
+    assert_eq!(inos_checked(m.path()), merged, "st_ino changed by copy-up");
+    m.unmount();
+    let m = Mount::stratafs(&layers, &fx.mnt, "");
+    assert_eq!(inos_checked(m.path()), merged, "st_ino changed by remount");
+    m.unmount();
 }

@@ -485,3 +485,44 @@ pub fn describe_process(pid: u32) -> String {
     }
     format!("pid {pid} state {state} threads [{}]", threads.join(", "))
 }
+
+/// A tmpfs mounted for a test (its own filesystem, so its inode numbers start afresh), unmounted
+/// when dropped, also while a test panics.
+#[derive(Debug)]
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a small tmpfs on the existing directory `path`.
+    pub fn mount(path: &Path) -> Tmpfs {
+        let path = fs::canonicalize(path).expect("tmpfs mountpoint");
+        let out = run_cmd(
+            "mount",
+            &[
+                OsStr::new("-t"),
+                OsStr::new("tmpfs"),
+                OsStr::new("-o"),
+                OsStr::new("size=16m,mode=0755"),
+                OsStr::new("stratafs-test"),
+                path.as_os_str(),
+            ],
+            None,
+        );
+        assert!(out.status.success(), "mount tmpfs: {}", out.describe());
+        Tmpfs { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if sys::umount2(&self.path, 0).is_err() {
+            // Busy (a mount above still holds it): detach, it goes when the last user does.
+            let _ = sys::umount2(&self.path, libc::MNT_DETACH);
+        }
+    }
+}
