@@ -1,6 +1,7 @@
 //! Regression tests: one test per fixed bug, named after what broke, with the minimal
 //! reproduction and a line on the cause. Add them here as bugs are fixed.
 
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
@@ -442,4 +443,47 @@ fn lowers_on_different_filesystems_get_distinct_st_ino() {
     let m = Mount::stratafs(&layers, &fx.mnt, "");
     assert_eq!(inos_checked(m.path()), merged, "st_ino changed by remount");
     m.unmount();
+}
+
+/// Raised by review (PITFALLS: a fuser-based peer lost the new mount in 4 of 12 fast
+/// remounts): unmount and at once remount at the same path, without waiting for the old
+/// daemon to exit, by umount(2) and by `fusermount3 -u`. The new mount must stay.
+#[test]
+fn fast_unmount_and_remount_at_one_path_keeps_the_new_mount() {
+    use crate::util::mount::{is_mounted, run_cmd};
+    let mut fx = Fixture::new(1);
+    fx.lower(0).file("top", b"top\n");
+    fx.seal();
+    for i in 0..20 {
+        let m = fx.mount_stratafs("");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(is_mounted(&fx.mnt), "round {i}: the new mount is gone");
+        assert_eq!(read(&m.join("top")), "top\n", "round {i}");
+        let want = if i == 0 {
+            String::new()
+        } else {
+            format!("{}\n", i - 1)
+        };
+        assert_eq!(
+            fs::read_to_string(m.join("counter")).unwrap_or_default(),
+            want,
+            "round {i}: what the previous mount wrote"
+        );
+        fs::write(m.join("counter"), format!("{i}\n")).expect("write counter");
+        // The guard stays armed until the unmount went through.
+        let path = m.path().to_path_buf();
+        if i % 2 == 0 {
+            crate::util::sys::umount2(&path, 0).expect("umount");
+        } else {
+            let out = run_cmd("fusermount3", &[OsStr::new("-u"), path.as_os_str()], None);
+            assert!(out.status.success(), "fusermount3 -u: {}", out.describe());
+        }
+        m.forget();
+        assert!(!is_mounted(&path), "round {i}: still mounted after unmount");
+    }
+    let m = fx.mount_stratafs("");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(read(&m.join("counter")), "19\n");
+    m.unmount();
+    fx.assert_lowers_unchanged();
 }
