@@ -25,6 +25,17 @@ pub enum Error {
     NotMounted(String),
     #[error("layer chain too deep: {depth} layers, the limit is {max}")]
     TooDeep { depth: usize, max: usize },
+    #[error(
+        "layer {id}: kernel overlayfs cannot mount {layers} layers: the mount options would be \
+         {len} bytes and mount(2) takes at most {max} (one page); use the stratafs backend \
+         (--backend stratafs) for chains this deep"
+    )]
+    KernelOptionsTooLong {
+        id: String,
+        layers: usize,
+        len: usize,
+        max: usize,
+    },
     #[error("layer {0} is not empty: apply-diff needs a freshly created layer")]
     NotEmpty(String),
     #[error("refusing archive entry {path:?}: {why}")]

@@ -38,6 +38,10 @@ pub const DEFAULT_ROOT: &str = "/var/lib/stratafs/overlay2";
 /// Default and largest chain depth.
 pub const DEFAULT_MAX_DEPTH: usize = 128;
 pub const MAX_MAX_DEPTH: usize = 500;
+/// The longest option string kernel overlayfs can be given: mount(2) copies its data argument
+/// in one (4 KiB) page, NUL included. With 29 bytes per `l/<LID>:` that is about 140 layers;
+/// deeper chains mount with the stratafs backend only (its options travel in argv).
+pub const KERNEL_MOUNT_DATA_MAX: usize = 4095;
 
 /// Which filesystem mounts a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -420,6 +424,16 @@ impl LayerStore {
                 })
             }
         };
+        let lid = new_lid()?;
+        if self.backend == Backend::Kernel {
+            // Refused now rather than at the first mount: every way this layer could be
+            // mounted must fit the kernel's one page of options.
+            let lower = lower.as_deref().unwrap_or("");
+            self.check_kernel_options(id, &self.overlay_options(id, &lid, lower, rw, false).0)?;
+            if rw {
+                self.check_kernel_options(id, &self.overlay_options(id, &lid, lower, rw, true).0)?;
+            }
+        }
         let tmp = self
             .root
             .join(".tmp")
@@ -427,7 +441,6 @@ impl LayerStore {
         let built = (|| -> Result<Option<ApplyStats>> {
             mkdir(&tmp, 0o710)?;
             mkdir(&tmp.join("diff"), 0o755)?;
-            let lid = new_lid()?;
             write_atomic(&tmp.join("link"), lid.as_bytes(), 0o644)?;
             if let Some(lower) = &lower {
                 write_atomic(&tmp.join("lower"), lower.as_bytes(), 0o644)?;
@@ -625,30 +638,35 @@ impl LayerStore {
         if !merged.exists() {
             mkdir(&merged, 0o700)?;
         }
-        self.mount_at(id, &meta, &merged, false)?;
+        if let Err(e) = self.mount_at(id, &meta, &merged, false) {
+            let _ = fs::remove_dir(&merged);
+            return Err(e);
+        }
         meta.mounts = 1;
         meta.mounted_by = Some(self.backend);
         self.write_meta(&dir, &meta)?;
         Ok(merged)
     }
 
-    /// Mounts layer `id` at `target`: a container layer with its diff as the upper dir, a
-    /// read-only one (or any, with `readonly`) as lowers only.
-    fn mount_at(&self, id: &str, meta: &LayerMeta, target: &Path, readonly: bool) -> Result<()> {
+    /// The overlay options that mount layer `id` (short name `lid`, parents `lower`): a
+    /// container layer with its diff as the upper dir, a read-only one (or any, with
+    /// `readonly`) as lowers only. Returns them and whether there is an upper dir.
+    fn overlay_options(
+        &self,
+        id: &str,
+        lid: &str,
+        lower: &str,
+        rw: bool,
+        readonly: bool,
+    ) -> (String, bool) {
         let dir = self.layer_dir(id);
-        let lower = self.lower(id)?;
-        let (lowers, upper) = if meta.rw && !readonly {
-            (lower, true)
+        let upper = rw && !readonly;
+        let lowers = if upper {
+            lower.to_owned()
+        } else if lower.is_empty() {
+            format!("l/{lid}")
         } else {
-            let lid = self.read_small(&dir.join("link"))?;
-            (
-                if lower.is_empty() {
-                    format!("l/{lid}")
-                } else {
-                    format!("l/{lid}:{lower}")
-                },
-                false,
-            )
+            format!("l/{lid}:{lower}")
         };
         let mut opts = format!("lowerdir={lowers}");
         if upper {
@@ -658,38 +676,60 @@ impl LayerStore {
                 dir.join("work").display()
             ));
         }
+        // As Docker mounts the kernel's (and so stratafs too): hard links below are not
+        // joined through an index in the workdir, which a layer tar could not carry.
+        opts.push_str(",index=off");
+        if !upper {
+            opts.push_str(",ro");
+        }
+        (opts, upper)
+    }
+
+    /// Kernel overlayfs options must fit [`KERNEL_MOUNT_DATA_MAX`]; longer ones would only get
+    /// an obscure error from mount(8) ("special device overlay does not exist").
+    fn check_kernel_options(&self, id: &str, opts: &str) -> Result<()> {
+        if opts.len() <= KERNEL_MOUNT_DATA_MAX {
+            return Ok(());
+        }
+        let lowers = opts
+            .strip_prefix("lowerdir=")
+            .and_then(|o| o.split(',').next())
+            .unwrap_or("");
+        Err(Error::KernelOptionsTooLong {
+            id: id.to_owned(),
+            layers: lowers.split(':').filter(|s| !s.is_empty()).count(),
+            len: opts.len(),
+            max: KERNEL_MOUNT_DATA_MAX,
+        })
+    }
+
+    /// Mounts layer `id` at `target` (see [`overlay_options`](Self::overlay_options)).
+    fn mount_at(&self, id: &str, meta: &LayerMeta, target: &Path, readonly: bool) -> Result<()> {
+        let dir = self.layer_dir(id);
+        let lower = self.lower(id)?;
+        let lid = self.read_small(&dir.join("link"))?;
+        let (opts, upper) = self.overlay_options(id, &lid, &lower, meta.rw, readonly);
         match self.backend {
             Backend::Kernel => {
-                if !upper && !lowers.contains(':') {
+                if !upper && lower.is_empty() {
                     // overlayfs wants two lowers without an upper: a plain read-only bind.
                     return run(Command::new("mount")
                         .args(["--bind", "-o", "ro"])
                         .arg(dir.join("diff"))
                         .arg(target));
                 }
-                opts.push_str(",index=off");
-                if !upper {
-                    opts.push_str(",ro");
-                }
+                self.check_kernel_options(id, &opts)?;
                 run(Command::new("mount")
                     .current_dir(&self.root)
                     .args(["-t", "overlay", "overlay", "-o"])
                     .arg(&opts)
                     .arg(target))
             }
-            Backend::Stratafs => {
-                // As Docker mounts the kernel's: hard links below are not joined through an
-                // index in the workdir, which a layer tar could not carry.
-                opts.push_str(",index=off");
-                if !upper {
-                    opts.push_str(",ro");
-                }
-                run(Command::new(&self.stratafs_bin)
-                    .current_dir(&self.root)
-                    .arg("-o")
-                    .arg(&opts)
-                    .arg(target))
-            }
+            Backend::Stratafs => run(Command::new(&self.stratafs_bin)
+                .current_dir(&self.root)
+                .arg("-o")
+                .arg(&opts)
+                .arg(target)),
         }
     }
 
