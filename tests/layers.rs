@@ -1673,4 +1673,115 @@ fn cli_layers_and_image() {
     assert!(img(&["inspect", "fixture/old:1"]).contains("diff_ids"));
     img(&["rm", "fixture/old:1"]);
     assert!(!img(&["ls"]).contains("fixture/old:1"));
+
+    // A read-only layer with a parent, diff-size, both backends, remove, cleanup.
+    assert!(run(&["create", "mid", "base"]).0);
+    assert_eq!(run(&["diff-size", "base"]).1.trim(), size.trim());
+    assert_eq!(run(&["diff-size", "mid"]), (true, "0\n".to_string()));
+    for (backend, fstype) in [("stratafs", "fuse.stratafs"), ("kernel", "overlay")] {
+        let (ok, m) = run(&["--backend", backend, "get", "mid"]);
+        assert!(ok, "get with {backend}");
+        let m = PathBuf::from(m.trim());
+        let res = std::panic::catch_unwind(|| {
+            assert_eq!(fstype_of(&m).as_deref(), Some(fstype), "{backend}");
+            assert_eq!(fs::read(m.join("etc/hello")).unwrap(), b"hello\n");
+            assert!(
+                fs::write(m.join("x"), b"x").is_err(),
+                "{backend}: read-only"
+            );
+        });
+        assert!(run(&["--backend", backend, "put", "mid"]).0);
+        res.unwrap();
+        assert!(!stratafs::storage::layers::store::is_mountpoint(&m));
+    }
+    assert!(!run(&["remove", "base"]).0, "base is a parent");
+    assert!(run(&["remove", "mid"]).0);
+    assert!(!run(&["exists", "mid"]).0);
+    assert!(run(&["exists", "base"]).0);
+    let scratch = root.join(".tmp/new-x-1");
+    fs::create_dir_all(scratch.join("diff")).unwrap();
+    let (ok, out) = run(&["cleanup"]);
+    assert!(ok);
+    assert!(
+        out.contains(&format!("removed {}", scratch.display())),
+        "{out}"
+    );
+    assert!(!scratch.exists());
+    assert_eq!(run(&["cleanup"]), (true, String::new()), "nothing left");
+
+    // image mount, commit, umount, export; the export imported elsewhere and mounted with
+    // the kernel backend.
+    let img_in = |r: &Path, args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("image")
+            .arg("--root")
+            .arg(r)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    img(&["import", &t.path().join("old.tar").display().to_string()]);
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.display().to_string();
+    let _unmount = scopeguard(|| {
+        if stratafs::storage::layers::store::is_mountpoint(&mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+        }
+    });
+    img(&["mount", "fixture/old:1", &m]);
+    assert_eq!(fstype_of(&mnt).as_deref(), Some("fuse.stratafs"));
+    fs::write(mnt.join("etc/cli"), b"committed by the cli\n").unwrap();
+    fs::remove_file(mnt.join("etc/hello")).unwrap();
+    let id = img(&["commit", &m, "fixture/cli:1"]);
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    img(&["umount", &m]);
+    assert!(!stratafs::storage::layers::store::is_mountpoint(&mnt));
+    assert!(img(&["ls"]).contains("fixture/cli:1"));
+    let exported = t.path().join("cli.tar");
+    img(&["export", "fixture/cli:1", &exported.display().to_string()]);
+    let root2 = t.path().join("root2");
+    img_in(&root2, &["import", &exported.display().to_string()]);
+    img_in(
+        &root2,
+        &[
+            "--backend",
+            "kernel",
+            "mount",
+            "--readonly",
+            "fixture/cli:1",
+            &m,
+        ],
+    );
+    let res = std::panic::catch_unwind(|| {
+        assert_eq!(fstype_of(&mnt).as_deref(), Some("overlay"));
+        assert_eq!(
+            fs::read(mnt.join("etc/cli")).unwrap(),
+            b"committed by the cli\n"
+        );
+        assert!(!mnt.join("etc/hello").exists());
+        assert!(!mnt.join("etc/gone").exists());
+        assert!(fs::write(mnt.join("x"), b"x").is_err(), "--readonly");
+    });
+    img_in(&root2, &["umount", &m]);
+    res.unwrap();
+    assert!(!stratafs::storage::layers::store::is_mountpoint(&mnt));
+}
+
+/// The filesystem type mounted at `path`, from /proc/self/mountinfo.
+fn fstype_of(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.display().to_string();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .last()
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .map(str::to_owned)
 }
