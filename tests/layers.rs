@@ -1779,8 +1779,7 @@ fn fstype_of(path: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.display().to_string();
     info.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        .last()
+        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))
         .and_then(|l| l.split(" - ").nth(1))
         .and_then(|r| r.split(' ').next())
         .map(str::to_owned)
