@@ -44,7 +44,7 @@ impl From<Stamp> for SystemTime {
 }
 
 /// One snapshot as stored.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     /// Names `<root>/snapshots/<id>`.
     pub id: u64,
@@ -74,11 +74,14 @@ fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Database(e.to_string())
 }
 
-fn decode(bytes: &[u8]) -> Result<Record> {
+/// Decodes a stored record. Any byte string is accepted as input: what is not a record is
+/// [`Error::Database`] ("corrupt record"), never a panic.
+pub fn decode(bytes: &[u8]) -> Result<Record> {
     serde_json::from_slice(bytes).map_err(|e| Error::Database(format!("corrupt record: {e}")))
 }
 
-fn encode(r: &Record) -> Vec<u8> {
+/// Encodes a record as stored; [`decode`] gives it back unchanged.
+pub fn encode(r: &Record) -> Vec<u8> {
     serde_json::to_vec(r).expect("a record always serializes")
 }
 
@@ -155,14 +158,11 @@ impl Store {
         })
     }
 
-    /// Inserts a new snapshot with a fresh id (returned); re-checks what `check_create` did.
-    pub fn insert(&self, ns: &str, key: &str, mut record: Record) -> Result<u64> {
+    /// Takes a fresh directory id, in a transaction of its own: once this returns, no later
+    /// call (of any process, also after a crash) hands the same id out again, so a directory
+    /// left under it by a crash can never be mistaken for a later snapshot's.
+    pub fn reserve_id(&self) -> Result<u64> {
         self.write(|txn| {
-            let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            if get_in(&table, ns, key)?.is_some() {
-                return Err(Error::AlreadyExists(key.to_owned()));
-            }
-            parent_id(get_parent(&table, ns, record.parent.as_deref())?)?;
             let mut counters = txn.open_table(COUNTERS).map_err(db_err)?;
             let id = counters
                 .get(NEXT_ID)
@@ -170,19 +170,22 @@ impl Store {
                 .map(|v| v.value())
                 .unwrap_or(1);
             counters.insert(NEXT_ID, id + 1).map_err(db_err)?;
-            record.id = id;
-            table
-                .insert((ns, key), encode(&record).as_slice())
-                .map_err(db_err)?;
             Ok(id)
         })
     }
 
-    /// Drops `key` without any check (undoing a failed create).
-    pub fn delete(&self, ns: &str, key: &str) -> Result<()> {
+    /// Inserts a new snapshot under the id [`Store::reserve_id`] gave (`record.id`); re-checks
+    /// what `check_create` did.
+    pub fn insert(&self, ns: &str, key: &str, record: &Record) -> Result<()> {
         self.write(|txn| {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            table.remove((ns, key)).map_err(db_err)?;
+            if get_in(&table, ns, key)?.is_some() {
+                return Err(Error::AlreadyExists(key.to_owned()));
+            }
+            parent_id(get_parent(&table, ns, record.parent.as_deref())?)?;
+            table
+                .insert((ns, key), encode(record).as_slice())
+                .map_err(db_err)?;
             Ok(())
         })
     }

@@ -9,8 +9,10 @@
 //! - the parent chain of a snapshot is made of committed snapshots only.
 //!
 //! Layout: `<root>/metadata.db` (redb, the source of truth) and `<root>/snapshots/<id>/{fs,work}`.
-//! A snapshot's directory is built under a temporary name (`new-*`), renamed to its id once the
-//! metadata has committed; removal deletes the metadata first and the directory after.
+//! A snapshot's directory is built under a temporary name (`new-*`) for an id reserved (and
+//! committed) beforehand, renamed to that id, and only then does its record commit; removal
+//! deletes the record first and the directory after. So a crash at any point leaves no record
+//! without its complete directory, only directories no record owns.
 //! [`Snapshotter::cleanup`] collects directories no record points at. Paths never come from
 //! user-supplied keys.
 //!
@@ -37,9 +39,11 @@ use std::time::SystemTime;
 
 use parking_lot::RwLock;
 
-use metadata::{Record, Store};
+use metadata::Store;
 
 pub use filter::{Filter, FilterError};
+/// The stored form of one snapshot and its codec (public for the fuzz target and tests).
+pub use metadata::{Record, Stamp, decode as decode_record, encode as encode_record};
 
 /// The longest a label's key and value may be together (containerd's `labels.Validate`).
 pub const MAX_LABEL_SIZE: usize = 4096;
@@ -371,12 +375,19 @@ impl Snapshotter {
         // checks again.
         let parent_id = self.with_store(|s| s.check_create(ns, key, parent))?;
 
+        // Held until the record has committed: a cleanup (exclusive) never sees the scratch
+        // directory or the renamed one without its record.
         let lock = self.lock_file()?;
         lock.lock_shared().ctx("lock", &self.lock_path)?;
+        // Crash safety (kill -9 anywhere): the id is reserved first and never reused; the tree
+        // is built under `new-*` and renamed to the id; only then does the record commit. A
+        // crash leaves `new-*` or an id no record owns (both collected by `cleanup`), never a
+        // record without its directory nor a half-built directory under a recorded id.
+        let id = self.with_store(|s| s.reserve_id())?;
         let scratch = self.build_dir(kind, parent_id)?;
         let now = SystemTime::now();
         let record = Record {
-            id: 0,
+            id,
             kind,
             parent: parent.map(str::to_owned),
             labels,
@@ -384,18 +395,21 @@ impl Snapshotter {
             updated: now.into(),
             usage: None,
         };
-        let id = self.with_store(|s| s.insert(ns, key, record))?;
         let built = scratch.keep();
         let dir = self.dir_of(id);
         if let Err(e) = fs::rename(&built, &dir) {
-            // Undo the record so that no snapshot points at a missing directory.
-            let _ = self.with_store(|s| s.delete(ns, key));
             let _ = fs::remove_dir_all(&built);
             return Err(Error::io(
                 format!("rename {} to {}", built.display(), dir.display()),
                 e,
             ));
         }
+        // Removed again if the record cannot be inserted (e.g. a concurrent create of `key`).
+        let placed = Scratch {
+            path: Some(dir.clone()),
+        };
+        self.with_store(|s| s.insert(ns, key, &record))?;
+        placed.keep();
         drop(lock);
         self.mounts(ns, key)
     }
