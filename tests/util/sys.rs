@@ -270,3 +270,55 @@ pub fn mmap_write(f: &File, len: usize, offset: usize, data: &[u8]) -> io::Resul
     let unmapped = check(unsafe { libc::munmap(p, len) });
     synced.and(unmapped)
 }
+
+pub const RENAME_WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+
+/// MAX_HANDLE_SZ of <fcntl.h>.
+const MAX_HANDLE_SZ: usize = 128;
+
+/// A file handle from name_to_handle_at(2): `struct file_handle` and its bytes, in a u32
+/// buffer so the header is aligned.
+#[derive(Clone, Debug)]
+pub struct FileHandle {
+    buf: Vec<u32>,
+}
+
+/// name_to_handle_at(2) of `p` (not following a final symlink).
+pub fn name_to_handle(p: &Path) -> io::Result<FileHandle> {
+    let c = cpath(p);
+    let mut buf = vec![0u32; 2 + MAX_HANDLE_SZ / 4];
+    buf[0] = MAX_HANDLE_SZ as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` is a `struct file_handle` header (handle_bytes set to the MAX_HANDLE_SZ
+    // bytes that follow it) plus room for that many bytes; `c` is NUL-terminated and
+    // `mount_id` a valid out-pointer.
+    check(unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            &mut mount_id,
+            0,
+        )
+    })?;
+    Ok(FileHandle { buf })
+}
+
+/// open_by_handle_at(2) through the mount that `mount_fd` is on.
+pub fn open_by_handle(mount_fd: &File, h: &FileHandle, flags: i32) -> io::Result<File> {
+    let mut buf = h.buf.clone();
+    // SAFETY: `buf` is the `struct file_handle` name_to_handle_at filled in, with its bytes;
+    // the fd is owned by `mount_fd`, borrowed across the call.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
