@@ -105,11 +105,16 @@ impl OverlayFs {
         };
         let data_fd = data.as_ref().map(|d| d.as_fd());
         // A removed file's space comes back only when the kernel forgets its inode (the
-        // daemon holds an fd until then): on ENOSPC give pending FORGETs a moment, then retry.
+        // daemon holds an fd until then): on ENOSPC, while the table still holds a removed
+        // object, give pending FORGETs a moment (up to 3 s on a loaded machine), then retry.
         let mut tries = 0;
         let (fd, meta) = loop {
             match self.copy_up_obj(&parent, &name, src.as_fd(), data_fd, how, node.st_ino) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && tries < 10 => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOSPC)
+                        && tries < 60
+                        && (tries < 4 || self.table.holds_removed()) =>
+                {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }

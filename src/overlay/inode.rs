@@ -296,6 +296,17 @@ impl InodeTable {
         files
     }
 
+    /// Does the table still hold the fd of a removed upper object? Its space comes back
+    /// only once the kernel forgets it (then the fd closes).
+    pub fn holds_removed(&self) -> bool {
+        self.by_id.iter().any(|e| {
+            e.value()
+                .state
+                .try_read()
+                .is_some_and(|s| s.unlinked && s.upper.is_some())
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }
