@@ -190,12 +190,26 @@ impl Node {
 #[derive(Debug)]
 pub struct InodeTable {
     by_id: DashMap<u64, Arc<Node>>,
+    /// Where forgotten nodes were last seen, so a file handle (`open_by_handle_at`, NFS
+    /// export) that outlived the kernel's inode can find its object again. Bounded.
+    past: Mutex<PastNames>,
 }
+
+/// st_ino -> (parent st_ino, name) of forgotten nodes, oldest dropped first past [`PAST_MAX`].
+#[derive(Debug, Default)]
+struct PastNames {
+    map: std::collections::HashMap<u64, (u64, OsString)>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// How many forgotten names are kept for file handles (about 64 bytes each).
+const PAST_MAX: usize = 1 << 16;
 
 impl InodeTable {
     pub fn new(root: NodeState) -> InodeTable {
         let table = InodeTable {
             by_id: DashMap::new(),
+            past: Mutex::new(PastNames::default()),
         };
         let node = Arc::new(Node::new(ROOT_ID, true, root));
         node.lookups.store(1, Ordering::Relaxed);
@@ -260,12 +274,53 @@ impl InodeTable {
         }
         // The count changes only under the map's shard lock, so a concurrent lookup either
         // sees the node before it is removed (and keeps it) or after (and makes a new one).
-        self.by_id.remove_if(&id, |_, node| {
+        let removed = self.by_id.remove_if(&id, |_, node| {
             let cur = node.lookups.load(Ordering::Acquire);
             let new = cur.saturating_sub(n);
             node.lookups.store(new, Ordering::Release);
             new == 0
         });
+        if let Some((_, node)) = removed {
+            let s = node.state.read();
+            if let Some(parent) = &s.parent
+                && !s.unlinked
+            {
+                self.remember(id, parent.st_ino, &s.name);
+            }
+        }
+    }
+
+    /// Records where the forgotten node `id` was last seen.
+    fn remember(&self, id: u64, parent: u64, name: &OsStr) {
+        let mut past = self.past.lock();
+        if past.map.insert(id, (parent, name.to_os_string())).is_none() {
+            past.order.push_back(id);
+        }
+        while past.order.len() > PAST_MAX {
+            if let Some(old) = past.order.pop_front() {
+                past.map.remove(&old);
+            }
+        }
+    }
+
+    /// Where the forgotten node `id` was last seen: (parent st_ino, name).
+    pub fn past_name(&self, id: u64) -> Option<(u64, OsString)> {
+        self.past.lock().map.get(&id).cloned()
+    }
+
+    /// A name of the forgotten node `id` was renamed to `parent/name`, or removed (`None`).
+    pub fn past_moved(&self, id: u64, to: Option<(u64, &OsStr)>) {
+        let mut past = self.past.lock();
+        match to {
+            Some((p, n)) => {
+                if let Some(e) = past.map.get_mut(&id) {
+                    *e = (p, n.to_os_string());
+                }
+            }
+            None => {
+                past.map.remove(&id);
+            }
+        }
     }
 
     /// Up to `n` (parent st_ino, name) pairs of nodes the kernel could forget, files first:

@@ -762,21 +762,29 @@ impl OverlayFs {
     }
 
     pub fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> io::Result<(FileAttr, u64)> {
-        let parent = self.node(parent)?;
-        if !parent.is_dir {
-            return Err(errno(libc::ENOTDIR));
-        }
+        let parent = if name == "." || name == ".." {
+            // Asked by the kernel to reconnect file handles (name_to_handle_at / NFS export),
+            // also for files, and for objects it has forgotten.
+            self.reconnect(parent.0, 0)?
+        } else {
+            self.node(parent)?
+        };
         if name == "." || name == ".." {
-            // Asked by the kernel to reconnect file handles (name_to_handle_at / NFS export).
             let target = if name == "." {
                 parent.clone()
             } else {
+                if !parent.is_dir {
+                    return Err(errno(libc::ENOTDIR));
+                }
                 let up = parent.state.read().parent.clone();
                 up.unwrap_or_else(|| parent.clone())
             };
             let node = self.table.reference(&target);
             let st = self.stat_node(&node)?;
             return Ok((self.attr(&node, &st), node.st_ino));
+        }
+        if !parent.is_dir {
+            return Err(errno(libc::ENOTDIR));
         }
         let found = {
             let state = parent.state.read();
@@ -785,6 +793,34 @@ impl OverlayFs {
         let found = found.ok_or_else(|| errno(libc::ENOENT))?;
         let (node, st) = self.intern(&parent, name, found);
         Ok((self.attr(&node, &st), node.st_ino))
+    }
+
+    /// The node `st_ino`, found again by the name it was last seen under if the kernel has
+    /// forgotten it (a file handle outlives the kernel's inode). Counts no kernel lookup.
+    /// ESTALE when that name now holds another object or nothing.
+    fn reconnect(&self, st_ino: u64, depth: usize) -> io::Result<Arc<Node>> {
+        if let Some(n) = self.table.get(st_ino) {
+            return Ok(n);
+        }
+        let stale = || errno(libc::ESTALE);
+        if depth > 4096 {
+            return Err(stale());
+        }
+        let (pino, name) = self.table.past_name(st_ino).ok_or_else(stale)?;
+        let parent = self.reconnect(pino, depth + 1)?;
+        let found = {
+            let state = parent.state.read();
+            self.resolve(&state, &name).map_err(|_| stale())?
+        };
+        let found = found.ok_or_else(stale)?;
+        if self.stino_of(&found) != st_ino {
+            return Err(stale());
+        }
+        // `intern` counts a lookup the kernel did not make: undo it. The node stays alive
+        // through the Arc (and a child's parent link), and the caller references it.
+        let (node, _) = self.intern(&parent, &name, found);
+        self.table.forget(node.st_ino, 1);
+        Ok(node)
     }
 
     pub fn do_forget(&self, ino: INodeNo, n: u64) {

@@ -489,6 +489,7 @@ impl OverlayFs {
             // as this node's id (two objects on one FUSE inode confuse the kernel).
             node.state.write().drop_name(parent.st_ino, name);
         }
+        self.table.past_moved(st_ino, None);
         Ok(())
     }
 
@@ -772,6 +773,12 @@ impl OverlayFs {
             node.state
                 .write()
                 .move_name((p.st_ino, name), (&np, newname));
+        }
+        // File handles of forgotten objects find them by their last name.
+        self.table.past_moved(src_ino, Some((np.st_ino, newname)));
+        if let Some(d) = dst_ino {
+            let to = exchange.then_some((p.st_ino, name));
+            self.table.past_moved(d, to);
         }
         if let Some(node) = dst_ino.and_then(|d| self.table.get(d)) {
             let mut s = node.state.write();

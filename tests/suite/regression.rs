@@ -907,6 +907,40 @@ fn open_by_handle_through_the_mount() {
     let h = name_to_handle(&m.join("dir")).expect("handle of a dir");
     let d = open_by_handle(&mount_fd, &h, libc::O_RDONLY | libc::O_DIRECTORY).expect("open dir");
     assert!(d.metadata().expect("fstat").is_dir());
+    drop(d);
+    // Handles outlive the kernel's inodes (as on ext4): drop the dentry and inode caches (the
+    // kernel then sends FORGET), and open by handle again.
+    fs::write(m.join("dir/deep"), b"deep\n").expect("create dir/deep");
+    let handles: Vec<_> = ["low", "up", "dir", "dir/deep"]
+        .iter()
+        .map(|f| {
+            (
+                *f,
+                name_to_handle(&m.join(f)).expect("handle"),
+                fs::metadata(m.join(f)).expect("stat").ino(),
+            )
+        })
+        .collect();
+    fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop dentries and inodes");
+    for (f, h, ino) in &handles {
+        let flags = if *f == "dir" {
+            libc::O_RDONLY | libc::O_DIRECTORY
+        } else {
+            libc::O_RDONLY
+        };
+        let file = open_by_handle(&mount_fd, h, flags)
+            .unwrap_or_else(|e| panic!("open_by_handle {f} after the kernel forgot it: {e}"));
+        assert_eq!(file.metadata().expect("fstat").ino(), *ino, "{f}");
+    }
+    // A directory renamed (by name, after the kernel forgot it): handles below it still work.
+    fs::rename(m.join("dir"), m.join("moved")).expect("mv dir moved");
+    fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop dentries and inodes");
+    let (_, h, ino) = &handles[3];
+    let file = open_by_handle(&mount_fd, h, libc::O_RDONLY).expect("open dir/deep after mv");
+    assert_eq!(file.metadata().expect("fstat").ino(), *ino);
+    drop(file);
+    fs::rename(m.join("moved"), m.join("dir")).expect("mv back");
+    let d = File::open(m.join("dir")).expect("open dir");
     let h = name_to_handle(&m.join("up")).expect("handle");
     fs::remove_file(m.join("up")).expect("rm");
     // The kernel drops the unlinked inode once nothing holds it; the daemon then forgets it.
