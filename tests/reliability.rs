@@ -2757,3 +2757,348 @@ fn property_origin_and_marker_names() {
     }
     println!("property_origin_and_marker_names: {PROP_ITERS} inputs");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The OCI layer reader/applier on hostile input (the `layer_apply` fuzz target's properties,
+// seeded): never a panic, never a change outside the directory being filled.
+
+/// Inputs of `property_oci_layer_apply_stays_inside`.
+const APPLY_ITERS: usize = 4_000;
+
+/// Names, sizes, modes, link counts and ctimes of everything under `p` (not following links).
+fn tree_state(p: &Path) -> Vec<(String, u64, u32, u64, i64, i64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        out.push((
+            p.display().to_string(),
+            m.len(),
+            m.mode(),
+            m.nlink(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ));
+        if m.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One tar entry with raw name bytes (the tar crate's own checks bypassed).
+fn raw_tar_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    kind: tar::EntryType,
+    name: &[u8],
+    link: Option<&[u8]>,
+    mode: u32,
+    data: &[u8],
+) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_mtime(1_600_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+        let _ = h.set_device_major(1);
+        let _ = h.set_device_minor(3);
+    }
+    {
+        let gnu = h.as_gnu_mut().unwrap();
+        let n = name.len().min(100);
+        gnu.name = [0; 100];
+        gnu.name[..n].copy_from_slice(&name[..n]);
+        if let Some(l) = link {
+            let n = l.len().min(100);
+            gnu.linkname = [0; 100];
+            gnu.linkname[..n].copy_from_slice(&l[..n]);
+        }
+    }
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+/// A random layer tar aimed at the applier's checks: `..`, absolute paths, names through
+/// symlinks that point out of the layer (relative and absolute), hard links to outside files,
+/// whiteouts, opaque markers, duplicates, devices and fifos.
+fn hostile_tar(rng: &mut StdRng, canary: &Path) -> Vec<u8> {
+    let canary_abs = canary.to_str().unwrap().to_owned();
+    let canary_file = format!("{canary_abs}/file");
+    // Half the archives use plain names only (they mostly apply), half every trick.
+    let benign = rng.random_bool(0.5);
+    let comps: Vec<&str> = if benign {
+        vec!["a", "b", "d", "x", "\u{e9}"]
+    } else {
+        vec![
+            "a",
+            "b",
+            "l",
+            "..",
+            ".",
+            "",
+            "d",
+            ".wh.a",
+            ".wh.b",
+            ".wh..wh..opq",
+            "x",
+            "\u{e9}",
+        ]
+    };
+    let mut targets: Vec<String> = vec![
+        "../../canary".into(),
+        "../../canary/file".into(),
+        canary_abs.clone(),
+        canary_file.clone(),
+        "/".into(),
+        "/etc".into(),
+        "..".into(),
+    ];
+    if benign {
+        // Symlink targets are data (any may be made); hard links name earlier entries.
+        targets = vec!["a".into(), "a/b".into(), "x".into(), "d/x".into()];
+        targets.push(
+            pick(rng, &["../../canary", "/etc", "/"])
+                .unwrap()
+                .to_string(),
+        );
+    } else {
+        targets.extend(["../../../canary", "a", "l", "a/b", "l/file", ""].map(String::from));
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut files: Vec<String> = Vec::new();
+    for _ in 0..rng.random_range(0..9) {
+        let depth = rng.random_range(1..4);
+        let mut name: String = (0..depth)
+            .map(|_| *pick(rng, &comps).unwrap())
+            .collect::<Vec<_>>()
+            .join("/");
+        if benign {
+            // Unique last components: no duplicates, no file where a parent dir goes.
+            name.push_str(&format!("{}", b.get_ref().len()));
+        }
+        if benign && rng.random_bool(0.2) {
+            // A whiteout of the (unique) last component, or an opaque marker in its dir.
+            let (dir, last) = match name.rsplit_once('/') {
+                Some((d, l)) => (format!("{d}/"), l.to_string()),
+                None => (String::new(), name.clone()),
+            };
+            name = if rng.random_bool(0.7) {
+                format!("{dir}.wh.{last}")
+            } else {
+                format!("{dir}.wh..wh..opq")
+            };
+        }
+        if !benign && rng.random_bool(0.1) {
+            name.insert(0, '/');
+        }
+        if !benign && rng.random_bool(0.1) {
+            name = format!("{canary_abs}/{name}");
+        }
+        let target = pick(rng, &targets).unwrap().clone();
+        let mode = *pick(rng, &[0o755, 0o644, 0o000, 0o4755, 0o1777, 0o7777]).unwrap();
+        let data: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+        use tar::EntryType as T;
+        // Plain archives: directories, files, symlinks, fifos, hard links to earlier files.
+        let choice = if benign {
+            *pick(rng, &[0, 0, 2, 2, 4, 7, 10]).unwrap()
+        } else {
+            rng.random_range(0..9)
+        };
+        match choice {
+            10 if !files.is_empty() => {
+                let to = pick(rng, &files).unwrap().clone();
+                raw_tar_entry(
+                    &mut b,
+                    T::Link,
+                    name.as_bytes(),
+                    Some(to.as_bytes()),
+                    0o644,
+                    &[],
+                );
+            }
+            0 | 1 | 10 => raw_tar_entry(&mut b, T::Directory, name.as_bytes(), None, mode, &[]),
+            2 | 3 => {
+                files.push(name.clone());
+                raw_tar_entry(&mut b, T::Regular, name.as_bytes(), None, mode, &data);
+            }
+            4 => raw_tar_entry(
+                &mut b,
+                T::Symlink,
+                name.as_bytes(),
+                Some(target.as_bytes()),
+                0o777,
+                &[],
+            ),
+            5 => raw_tar_entry(
+                &mut b,
+                T::Link,
+                name.as_bytes(),
+                Some(target.as_bytes()),
+                0o644,
+                &[],
+            ),
+            6 => raw_tar_entry(&mut b, T::Char, name.as_bytes(), None, 0o644, &[]),
+            7 => raw_tar_entry(&mut b, T::Fifo, name.as_bytes(), None, 0o644, &[]),
+            _ => {
+                // A name through a symlink made just before.
+                raw_tar_entry(
+                    &mut b,
+                    T::Symlink,
+                    b"l",
+                    Some(target.as_bytes()),
+                    0o777,
+                    &[],
+                );
+                let through = format!("l/{}", pick(rng, &["x", "file", "d/x"]).unwrap());
+                let kind = *pick(rng, &[T::Regular, T::Directory, T::Link]).unwrap();
+                raw_tar_entry(
+                    &mut b,
+                    kind,
+                    through.as_bytes(),
+                    (kind == T::Link).then_some(canary_file.as_bytes()),
+                    0o644,
+                    if kind == T::Regular { &data } else { &[] },
+                );
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Byte-level damage: flips, cuts, repeated blocks, random bytes.
+fn mangle(rng: &mut StdRng, mut b: Vec<u8>) -> Vec<u8> {
+    for _ in 0..rng.random_range(1..4) {
+        match rng.random_range(0..4) {
+            0 if !b.is_empty() => {
+                let i = rng.random_range(0..b.len());
+                b[i] = rng.random();
+            }
+            1 => {
+                let at = rng.random_range(0..=b.len());
+                b.truncate(at);
+            }
+            2 if b.len() >= 512 => {
+                let blk = rng.random_range(0..b.len() / 512) * 512;
+                let copy = b[blk..blk + 512].to_vec();
+                let at = rng.random_range(0..=b.len() / 512) * 512;
+                b.splice(at..at, copy);
+            }
+            _ => {
+                let at = rng.random_range(0..=b.len());
+                let junk: Vec<u8> = (0..rng.random_range(1..600))
+                    .map(|_| rng.random())
+                    .collect();
+                b.splice(at..at, junk);
+            }
+        }
+    }
+    b
+}
+
+#[test]
+fn property_oci_layer_apply_stays_inside() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use stratafs::storage::layers::apply::{ApplyOptions, apply_layer};
+    let mut rng = StdRng::seed_from_u64(seed("property_oci_layer_apply_stays_inside"));
+    // On tmpfs where there is one (the applier creates files for most inputs).
+    let tmp = if Path::new("/dev/shm").is_dir() {
+        tempfile::Builder::new()
+            .prefix("stratafs-rel-")
+            .tempdir_in("/dev/shm")
+            .expect("tempdir")
+    } else {
+        tmpdir()
+    };
+    let base = tmp.path();
+    // BASE/w/layer is filled; BASE/canary is `../../canary` from inside it.
+    mkdirs(&base.join("w"));
+    mkdirs(&base.join("canary/dir"));
+    fs::write(base.join("canary/file"), b"canary\n").unwrap();
+    let canary = base.join("canary");
+    let before = tree_state(&canary);
+    let etc = tree_state(Path::new("/etc/passwd"));
+    let layer = base.join("w/layer");
+    let (mut ok, mut refused, mut applied) = (0usize, 0usize, 0u64);
+    for i in 0..APPLY_ITERS {
+        let tar = hostile_tar(&mut rng, &canary);
+        let input = match i % 4 {
+            0 | 1 => tar,
+            2 => mangle(&mut rng, tar),
+            _ => {
+                // The same through gzip (sometimes damaged after compression).
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(&tar).unwrap();
+                let z = gz.finish().unwrap();
+                if rng.random_bool(0.5) {
+                    mangle(&mut rng, z)
+                } else {
+                    z
+                }
+            }
+        };
+        let opts = if rng.random_bool(0.5) {
+            ApplyOptions::default()
+        } else {
+            ApplyOptions {
+                allow_devices: false,
+                set_owners: false,
+                max_entry_size: 64,
+                max_entries: 6,
+            }
+        };
+        fs::create_dir(&layer).unwrap();
+        let res = catch_unwind(AssertUnwindSafe(|| apply_layer(&layer, &input[..], &opts)));
+        let keep = || {
+            let p = std::env::temp_dir().join(format!("stratafs-apply-input-{i}.tar"));
+            fs::write(&p, &input).unwrap();
+            p
+        };
+        match res {
+            Ok(Ok(stats)) => {
+                ok += 1;
+                applied += stats.entries;
+            }
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!(
+                "input {i}: the applier panicked (input kept in {:?})",
+                keep()
+            ),
+        }
+        assert_eq!(
+            entries(base),
+            ["canary", "w"],
+            "input {i}: wrote next to w/ ({:?})",
+            keep()
+        );
+        assert_eq!(
+            entries(&base.join("w")),
+            ["layer"],
+            "input {i}: wrote next to the layer ({:?})",
+            keep()
+        );
+        assert!(
+            tree_state(&canary) == before,
+            "input {i}: the canary changed ({:?})",
+            keep()
+        );
+        assert!(
+            tree_state(Path::new("/etc/passwd")) == etc,
+            "input {i}: /etc/passwd changed"
+        );
+        fs::remove_dir_all(&layer).unwrap();
+    }
+    println!(
+        "property_oci_layer_apply_stays_inside: {APPLY_ITERS} inputs, {ok} applied ({applied} \
+         entries), {refused} refused"
+    );
+    assert!(
+        ok > APPLY_ITERS / 10 && refused > APPLY_ITERS / 10,
+        "{ok} applied, {refused} refused"
+    );
+}

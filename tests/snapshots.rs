@@ -2218,3 +2218,195 @@ mod crash {
         assert!(tally.leftovers >= 1, "no kill landed mid-delete: {tally:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The metadata record decoder (the `snapshot_record` fuzz target's properties, seeded)
+
+mod property {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use stratafs::storage::snapshots::{Record, Stamp, Usage, decode_record, encode_record};
+
+    const ITERS: usize = 20_000;
+
+    const TOKENS: &[&str] = &[
+        "\"",
+        "\\",
+        "\\u0000",
+        "\\ud800",
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "null",
+        "true",
+        "-1",
+        "0",
+        "1e999",
+        "-0",
+        "18446744073709551615",
+        "18446744073709551616",
+        "9223372036854775807",
+        "4294967295",
+        "999999999",
+        "1000000000",
+        "\"secs\":",
+        "\"nanos\":",
+        "\"kind\":\"Active\"",
+        "\"kind\":\"Bogus\"",
+        "\"usage\":",
+        "\"labels\":",
+        "\"parent\":",
+        "\"id\":",
+        "é",
+        "\u{1F600}",
+    ];
+
+    fn text(rng: &mut StdRng) -> String {
+        let n = rng.random_range(0..6);
+        (0..n)
+            .map(|_| match rng.random_range(0..4) {
+                0 => TOKENS[rng.random_range(0..TOKENS.len())].to_string(),
+                1 => char::from_u32(rng.random_range(0..0x11_0000))
+                    .unwrap_or('x')
+                    .to_string(),
+                _ => char::from(rng.random_range(b' '..=b'~')).to_string(),
+            })
+            .collect()
+    }
+
+    fn stamp(rng: &mut StdRng) -> Stamp {
+        Stamp {
+            // Anything a SystemTime on Linux holds (an i64 of seconds).
+            secs: match rng.random_range(0..3) {
+                0 => rng.random_range(0..4_000_000_000),
+                1 => i64::MAX as u64,
+                _ => rng.random_range(0..=i64::MAX as u64),
+            },
+            nanos: rng.random_range(0..1_000_000_000),
+        }
+    }
+
+    fn record(rng: &mut StdRng) -> Record {
+        Record {
+            id: rng.random(),
+            kind: [Kind::View, Kind::Active, Kind::Committed][rng.random_range(0..3)],
+            parent: rng.random_bool(0.5).then(|| text(rng)),
+            labels: (0..rng.random_range(0..4))
+                .map(|_| (text(rng), text(rng)))
+                .collect(),
+            created: stamp(rng),
+            updated: stamp(rng),
+            usage: rng.random_bool(0.5).then(|| Usage {
+                size: rng.random(),
+                inodes: rng.random(),
+            }),
+        }
+    }
+
+    /// Byte-level damage: flips, token splices, cuts, repeats.
+    fn mutate(rng: &mut StdRng, mut b: Vec<u8>) -> Vec<u8> {
+        for _ in 0..rng.random_range(1..4) {
+            let at = rng.random_range(0..=b.len());
+            match rng.random_range(0..5) {
+                0 if !b.is_empty() => {
+                    let i = rng.random_range(0..b.len());
+                    b[i] ^= 1 << rng.random_range(0..8);
+                }
+                1 => {
+                    let t = TOKENS[rng.random_range(0..TOKENS.len())].as_bytes();
+                    b.splice(at..at, t.iter().copied());
+                }
+                2 => b.truncate(at),
+                3 if at < b.len() => {
+                    // Replace a number run with an extreme value.
+                    let end = (at..b.len())
+                        .find(|&i| !b[i].is_ascii_digit())
+                        .unwrap_or(b.len());
+                    let t = TOKENS[rng.random_range(14..24)].as_bytes();
+                    b.splice(at..end, t.iter().copied());
+                }
+                _ => {
+                    let tail = b[at..].to_vec();
+                    b.extend_from_slice(&tail);
+                }
+            }
+        }
+        b
+    }
+
+    /// What the fuzz target asserts: no panic, and an accepted input re-encodes losslessly.
+    fn check(input: &[u8]) -> Result<bool, String> {
+        let r = match decode_record(input) {
+            Ok(r) => r,
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+                return Ok(false);
+            }
+        };
+        let info = r.info("key");
+        let _ = (info.created, info.updated);
+        let bytes = encode_record(&r);
+        let again = decode_record(&bytes).map_err(|e| format!("re-decode: {e}"))?;
+        if again != r || encode_record(&again) != bytes {
+            return Err(format!("round trip changed {r:?} into {again:?}"));
+        }
+        Ok(true)
+    }
+
+    /// Inputs found by the fuzzer (or by review) that once went wrong.
+    const REGRESSIONS: &[&str] = &[
+        // Seconds beyond what SystemTime holds: `info()` panicked adding them to the epoch.
+        r#"{"id":1,"kind":"View","parent":null,"labels":{},"created":{"secs":18446744073709551615,"nanos":0},"updated":{"secs":0,"nanos":0},"usage":null}"#,
+        // Nanoseconds past a second, carried into seconds that overflow (Duration::new).
+        r#"{"id":1,"kind":"View","parent":null,"labels":{},"created":{"secs":0,"nanos":0},"updated":{"secs":18446744073709551615,"nanos":4294967295},"usage":null}"#,
+        r#"{"id":1,"kind":"View","parent":null,"labels":{},"created":{"secs":9223372036854775807,"nanos":1000000000},"updated":{"secs":0,"nanos":0},"usage":null}"#,
+    ];
+
+    #[test]
+    fn property_snapshot_record_decoder() {
+        let seed = std::env::var("STRATAFS_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("seed {seed} (replay with STRATAFS_SEED={seed})");
+        let mut rng = StdRng::seed_from_u64(seed);
+        for input in REGRESSIONS {
+            check(input.as_bytes()).unwrap_or_else(|e| panic!("{input}: {e}"));
+        }
+        let (mut accepted, mut refused) = (0, 0);
+        for i in 0..ITERS {
+            let r = record(&mut rng);
+            let input = match i % 3 {
+                // A valid record: decodes to itself.
+                0 => {
+                    let bytes = encode_record(&r);
+                    let back = decode_record(&bytes)
+                        .unwrap_or_else(|e| panic!("{r:?} does not decode: {e}"));
+                    assert_eq!(back, r);
+                    bytes
+                }
+                1 => mutate(&mut rng, encode_record(&r)),
+                _ => (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
+            };
+            match check(&input) {
+                Ok(true) => accepted += 1,
+                Ok(false) => refused += 1,
+                Err(e) => panic!("input {i} {:?}: {e}", String::from_utf8_lossy(&input)),
+            }
+        }
+        eprintln!("record decoder: {ITERS} inputs, {accepted} accepted, {refused} refused");
+        assert!(
+            accepted > ITERS / 3 && refused > ITERS / 4,
+            "{accepted} / {refused}"
+        );
+    }
+}

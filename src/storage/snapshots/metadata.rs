@@ -37,9 +37,28 @@ impl From<SystemTime> for Stamp {
     }
 }
 
+impl Stamp {
+    /// The time, if a `SystemTime` can hold it (nanoseconds below a second, seconds in range).
+    pub fn checked(self) -> Option<SystemTime> {
+        if nanos_ok(self.nanos) {
+            UNIX_EPOCH.checked_add(Duration::new(self.secs, self.nanos))
+        } else {
+            None
+        }
+    }
+}
+
+fn nanos_ok(nanos: u32) -> bool {
+    nanos < 1_000_000_000
+}
+
 impl From<Stamp> for SystemTime {
+    /// Never panics: [`decode`] refuses stamps out of range, and any other is clamped to the
+    /// latest time a `SystemTime` holds.
     fn from(s: Stamp) -> Self {
-        UNIX_EPOCH + Duration::new(s.secs, s.nanos)
+        s.checked()
+            .or_else(|| UNIX_EPOCH.checked_add(Duration::new(i64::MAX as u64, 999_999_999)))
+            .unwrap_or(UNIX_EPOCH)
     }
 }
 
@@ -77,7 +96,17 @@ fn db_err(e: impl std::fmt::Display) -> Error {
 /// Decodes a stored record. Any byte string is accepted as input: what is not a record is
 /// [`Error::Database`] ("corrupt record"), never a panic.
 pub fn decode(bytes: &[u8]) -> Result<Record> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Database(format!("corrupt record: {e}")))
+    let r: Record = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Database(format!("corrupt record: {e}")))?;
+    for (what, stamp) in [("created", r.created), ("updated", r.updated)] {
+        if stamp.checked().is_none() {
+            return Err(Error::Database(format!(
+                "corrupt record: {what} time {}.{} out of range",
+                stamp.secs, stamp.nanos
+            )));
+        }
+    }
+    Ok(r)
 }
 
 /// Encodes a record as stored; [`decode`] gives it back unchanged.
