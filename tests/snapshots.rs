@@ -2410,3 +2410,303 @@ mod property {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The `stratafs snapshots` command line, through the binary
+
+mod cli {
+    use super::*;
+    use std::process::Command;
+
+    struct Out {
+        code: i32,
+        stdout: String,
+        stderr: String,
+    }
+
+    /// Unmounts (lazily) on drop whatever is still mounted at the path.
+    struct MountGuard(PathBuf);
+
+    impl Drop for MountGuard {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) {
+                let _ = stratafs::sys::umount(self.0.as_os_str(), true);
+            }
+        }
+    }
+
+    fn is_mounted(p: &Path) -> bool {
+        let want = p.to_str().unwrap();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(want))
+    }
+
+    struct Cli {
+        root: PathBuf,
+        tmp: tempfile::TempDir,
+    }
+
+    impl Cli {
+        fn run(&self, args: &[&str]) -> Out {
+            let out = Command::new(BIN)
+                .arg("snapshots")
+                .arg("--root")
+                .arg(&self.root)
+                .args(args)
+                .output()
+                .unwrap();
+            Out {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8(out.stdout).unwrap(),
+                stderr: String::from_utf8(out.stderr).unwrap(),
+            }
+        }
+
+        /// Runs `args`, which must succeed; returns stdout.
+        #[track_caller]
+        fn ok(&self, args: &[&str]) -> String {
+            let o = self.run(args);
+            assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+            o.stdout
+        }
+
+        /// Runs `args`, which must fail with exit code `code` and `msg` in stderr.
+        #[track_caller]
+        fn fails(&self, args: &[&str], code: i32, msg: &str) {
+            let o = self.run(args);
+            assert_eq!(o.code, code, "{args:?}: {} / {}", o.stdout, o.stderr);
+            assert!(
+                o.stderr.contains(msg),
+                "{args:?}: {:?} lacks {msg:?}",
+                o.stderr
+            );
+        }
+
+        fn mnt(&self, name: &str) -> MountGuard {
+            let p = self.tmp.path().join(name);
+            fs::create_dir(&p).unwrap();
+            MountGuard(p)
+        }
+
+        fn mount(&self, key: &str, m: &MountGuard) {
+            self.ok(&["mount", key, m.0.to_str().unwrap()]);
+            assert!(is_mounted(&m.0), "{key} is not mounted at {:?}", m.0);
+        }
+
+        fn umount(&self, m: &MountGuard) {
+            let st = Command::new(BIN).arg("umount").arg(&m.0).status().unwrap();
+            assert!(st.success(), "stratafs umount {:?}", m.0);
+            assert!(!is_mounted(&m.0));
+        }
+
+        fn dir_of(&self, line: &str) -> String {
+            // `mount -t bind ROOT/snapshots/ID/fs TARGET -o ...`
+            line.split(' ').nth(3).unwrap().to_owned()
+        }
+    }
+
+    /// The rows of `ls` (after its header): (key, parent, kind).
+    fn rows(ls: &str) -> Vec<(String, String, String)> {
+        let mut lines = ls.lines();
+        assert!(lines.next().unwrap().starts_with("KEY"), "{ls}");
+        lines
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                match w.len() {
+                    2 => (w[0].into(), String::new(), w[1].into()),
+                    3 => (w[0].into(), w[1].into(), w[2].into()),
+                    _ => panic!("ls row {l:?}"),
+                }
+            })
+            .collect()
+    }
+
+    fn keys(ls: &str) -> Vec<String> {
+        rows(ls).into_iter().map(|r| r.0).collect()
+    }
+
+    #[test]
+    fn snapshots_cli_end_to_end() {
+        let tmp = tempfile::Builder::new()
+            .prefix("stratafs-snapcli-")
+            .tempdir()
+            .unwrap();
+        let cli = Cli {
+            root: tmp.path().join("root"),
+            tmp,
+        };
+        let root = cli.root.to_str().unwrap().to_owned();
+
+        // prepare without a parent: a bind mount of an empty layer.
+        let out = cli.ok(&["prepare", "base-work", "--label", "team=a"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        assert!(
+            lines[0].starts_with(&format!("mount -t bind {root}/snapshots/"))
+                && lines[0].ends_with("/fs TARGET -o rw,rbind"),
+            "{out}"
+        );
+        let base_dir = cli.dir_of(lines[0]);
+        cli.fails(&["prepare", "base-work"], 1, "already exists");
+        cli.fails(&["prepare", "x", "nonexistent"], 1, "not found");
+        cli.fails(
+            &["prepare", "x", "base-work"],
+            1,
+            "must be a committed snapshot",
+        );
+
+        // mount KEY MNT, write, unmount.
+        let m1 = cli.mnt("m1");
+        cli.mount("base-work", &m1);
+        fs::write(m1.0.join("hello"), b"hi\n").unwrap();
+        fs::create_dir(m1.0.join("d")).unwrap();
+        cli.umount(&m1);
+        assert!(!m1.0.join("hello").exists());
+        assert_eq!(
+            fs::read(Path::new(&base_dir).join("hello")).unwrap(),
+            b"hi\n"
+        );
+
+        cli.ok(&["commit", "base", "base-work", "--label", "team=a"]);
+        cli.fails(&["stat", "base-work"], 1, "not found");
+        cli.fails(&["commit", "again", "base-work"], 1, "not found");
+
+        // A child over it: a fuse3.stratafs overlay mount.
+        let out = cli.ok(&["prepare", "child-work", "base"]);
+        assert!(
+            out.starts_with("mount -t fuse3.stratafs overlay TARGET -o workdir=")
+                && out.contains(",upperdir=")
+                && out.contains(&format!(",lowerdir={base_dir}"))
+                && out.trim_end().ends_with(",metacopy=off"),
+            "{out}"
+        );
+        let m2 = cli.mnt("m2");
+        cli.mount("child-work", &m2);
+        assert_eq!(fs::read(m2.0.join("hello")).unwrap(), b"hi\n");
+        fs::write(m2.0.join("child.txt"), b"child\n").unwrap();
+        fs::remove_dir(m2.0.join("d")).unwrap();
+        cli.umount(&m2);
+        cli.ok(&["commit", "child", "child-work"]);
+
+        // A view of two layers: read-only, both layers merged, the whiteout applied.
+        let view = cli.ok(&["view", "v", "child"]);
+        assert!(
+            view.starts_with("mount -t fuse3.stratafs overlay TARGET -o lowerdir=")
+                && !view.contains("upperdir"),
+            "{view}"
+        );
+        assert_eq!(cli.ok(&["mounts", "v"]), view);
+        cli.fails(&["mounts", "base"], 1, "committed");
+        let m3 = cli.mnt("m3");
+        cli.mount("v", &m3);
+        assert_eq!(fs::read(m3.0.join("hello")).unwrap(), b"hi\n");
+        assert_eq!(fs::read(m3.0.join("child.txt")).unwrap(), b"child\n");
+        assert!(!m3.0.join("d").exists());
+        let e = fs::write(m3.0.join("new"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        cli.umount(&m3);
+
+        // ls, with filters (comma = and, several = or); a bad filter is an error.
+        let all = cli.ok(&["ls"]);
+        assert_eq!(
+            rows(&all),
+            vec![
+                ("base".into(), String::new(), "committed".into()),
+                ("child".into(), "base".into(), "committed".into()),
+                ("v".into(), "child".into(), "view".into()),
+            ]
+        );
+        assert_eq!(keys(&cli.ok(&["ls", "kind==committed"])), ["base", "child"]);
+        assert_eq!(keys(&cli.ok(&["ls", "labels.team==a"])), ["base"]);
+        assert_eq!(
+            keys(&cli.ok(&["ls", "kind==committed,parent==base"])),
+            ["child"]
+        );
+        assert_eq!(
+            keys(&cli.ok(&["ls", "name~=^ba", "kind==view"])),
+            ["base", "v"]
+        );
+        assert_eq!(keys(&cli.ok(&["ls", "kind!=committed"])), ["v"]);
+        assert!(keys(&cli.ok(&["ls", "labels.team==b"])).is_empty());
+        cli.fails(&["ls", "kind=="], 1, "invalid argument");
+
+        // stat as JSON.
+        let st: serde_json::Value = serde_json::from_str(&cli.ok(&["stat", "child"])).unwrap();
+        assert_eq!(st["name"], "child");
+        assert_eq!(st["parent"], "base");
+        assert_eq!(st["kind"], "committed");
+        assert_eq!(st["labels"], serde_json::json!({}));
+        let st: serde_json::Value = serde_json::from_str(&cli.ok(&["stat", "base"])).unwrap();
+        assert_eq!(st["parent"], serde_json::Value::Null);
+        assert_eq!(st["labels"], serde_json::json!({"team": "a"}));
+
+        // usage: size and inodes of the own layer (base: its root, hello, d).
+        let usage = |out: &str| -> Vec<(String, i64, i64)> {
+            let mut l = out.lines();
+            assert!(l.next().unwrap().starts_with("KEY"), "{out}");
+            l.map(|r| {
+                let w: Vec<&str> = r.split_whitespace().collect();
+                (w[0].into(), w[1].parse().unwrap(), w[2].parse().unwrap())
+            })
+            .collect()
+        };
+        let u = usage(&cli.ok(&["usage", "base"]));
+        assert_eq!(u.len(), 1);
+        assert_eq!((u[0].0.as_str(), u[0].2), ("base", 3), "{u:?}");
+        assert!(u[0].1 > 0);
+        let all_u = usage(&cli.ok(&["usage"]));
+        assert_eq!(
+            all_u.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+            ["base", "child", "v"]
+        );
+        // child's layer: its root, child.txt and the whiteout of d.
+        assert!(all_u[1].2 >= 3, "{all_u:?}");
+        cli.fails(&["usage", "nope"], 1, "not found");
+
+        // tree.
+        assert_eq!(cli.ok(&["tree"]), "base\n  child\n    v (view)\n");
+
+        // label: set, then remove one.
+        assert_eq!(cli.ok(&["label", "child", "x=1", "y=2"]), "x=1\ny=2\n");
+        assert_eq!(cli.ok(&["label", "child", "x="]), "y=2\n");
+        let st: serde_json::Value = serde_json::from_str(&cli.ok(&["stat", "child"])).unwrap();
+        assert_eq!(st["labels"], serde_json::json!({"y": "2"}));
+        assert_eq!(keys(&cli.ok(&["ls", "labels.y"])), ["child"]);
+        cli.fails(&["label", "child", "novalue"], 1, "KEY=VALUE");
+
+        // rm is refused while children exist.
+        cli.fails(&["rm", "base"], 1, "has children");
+        cli.fails(&["rm", "child"], 1, "has children");
+        cli.fails(&["rm", "nope"], 1, "not found");
+        assert_eq!(keys(&cli.ok(&["ls"])).len(), 3);
+
+        // cleanup removes what no snapshot owns, and nothing else.
+        let snaps = cli.root.join("snapshots");
+        fs::create_dir_all(snaps.join("12345/fs")).unwrap();
+        fs::create_dir_all(snaps.join("new-1-1/fs")).unwrap();
+        fs::create_dir_all(snaps.join("rm-1-1")).unwrap();
+        assert_eq!(
+            cli.ok(&["cleanup"]),
+            "removed 12345\nremoved new-1-1\nremoved rm-1-1\n"
+        );
+        assert_eq!(cli.ok(&["cleanup"]), "");
+        assert_eq!(fs::read_dir(&snaps).unwrap().count(), 3);
+
+        // rm in order (leaves first), then nothing is left.
+        cli.ok(&["rm", "v", "child"]);
+        cli.ok(&["rm", "base"]);
+        assert!(rows(&cli.ok(&["ls"])).is_empty());
+        assert_eq!(cli.ok(&["tree"]), "");
+        assert_eq!(fs::read_dir(&snaps).unwrap().count(), 0);
+
+        // Namespaces are separate; usage errors are exit code 2 (clap).
+        cli.ok(&["-n", "other", "prepare", "k"]);
+        assert!(rows(&cli.ok(&["ls"])).is_empty());
+        assert_eq!(keys(&cli.ok(&["-n", "other", "ls"])), ["k"]);
+        cli.fails(&["bogus"], 2, "unrecognized subcommand");
+        cli.fails(&["rm"], 2, "required");
+        drop((m1, m2, m3));
+    }
+}
