@@ -28,6 +28,11 @@ pub struct Profile {
     pub stratafs_opts: &'static str,
     /// Options for the kernel mount of the stratafs upper; `None` skips that check.
     pub cross_opts: Option<&'static str>,
+    /// Compare the lower hard links (every name of `hl1`'s inode) in that kernel mount. Off
+    /// with stratafs's `index=on`: its hard-link index (`workdir/stratafs-index`, joined by
+    /// `stratafs.origin`) is not the kernel's (`workdir/index`, keyed by file handles), so a
+    /// kernel mount shows a name not yet copied up as its own lower inode (README, ARCHITECTURE).
+    pub cross_hardlinks: bool,
     /// Compare file content in the upper layers. Off with metacopy: which of the two keeps
     /// data or only metadata in an upper file is an implementation choice (the merged view,
     /// always compared in full, is what must agree).
@@ -62,20 +67,23 @@ pub const COMPAT: Profile = Profile {
     kernel_opts: "redirect_dir=off,index=off,metacopy=off",
     stratafs_opts: "redirect_dir=off,index=off,metacopy=off",
     cross_opts: Some("redirect_dir=off,index=off,metacopy=off"),
+    cross_hardlinks: true,
     upper_content: true,
     hardlink_ops: false,
     upper_hardlinks: true,
 };
 
 /// stratafs defaults (redirect_dir, metacopy and index on) against the kernel with the same
-/// features. No kernel mount of the stratafs upper: by design stratafs keeps its hard-link
-/// index in `workdir/stratafs-index` and not in the kernel's `workdir/index` (keyed by file
-/// handles), so a kernel mount would not find the index entries.
+/// features. The kernel mounts the stratafs upper with redirects and metacopy; without index,
+/// and without comparing the lower hard links: by design stratafs keeps its hard-link index in
+/// `workdir/stratafs-index` and not in the kernel's `workdir/index` (keyed by file handles),
+/// so a kernel mount (index=on or off) does not find the index entries.
 pub const NATIVE: Profile = Profile {
     name: "native",
     kernel_opts: "redirect_dir=on,index=on,metacopy=on",
     stratafs_opts: "",
-    cross_opts: None,
+    cross_opts: Some("redirect_dir=on,metacopy=on,index=off"),
+    cross_hardlinks: false,
     upper_content: false,
     hardlink_ops: true,
     upper_hardlinks: false,
@@ -246,11 +254,15 @@ pub fn run(
                 keep_xattr: tree::keep_non_stratafs_xattr,
                 ..Snap::MERGED
             };
-            let cross = tree::snapshot(m.path(), snap);
+            let mut cross = tree::snapshot(m.path(), snap);
             m.unmount();
+            let mut want = kernel_merged.clone();
+            if !profile.cross_hardlinks {
+                drop_lower_hardlinks(&mut want, &mut cross);
+            }
             failures.extend(diff_block(
                 "kernel mount of the stratafs upper vs the kernel's own merged view",
-                &kernel_merged,
+                &want,
                 "kernel",
                 &cross,
                 "kernel(stratafs upper)",
@@ -279,6 +291,26 @@ pub fn run(
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+}
+
+/// Removes from both trees every name of the fixture's lower hard links (and of links made
+/// from them, whatever they were renamed to) that either tree shows.
+fn drop_lower_hardlinks(a: &mut Tree, b: &mut Tree) {
+    let family = |p: &str| HARDLINK_FAMILY.iter().any(|n| p.ends_with(n));
+    let mut names = std::collections::BTreeSet::new();
+    for t in [&*a, &*b] {
+        for (p, e) in &t.entries {
+            if e.kind == tree::Kind::File
+                && (family(p) || e.same_inode_as.iter().any(|q| family(q)))
+            {
+                names.insert(p.clone());
+                names.extend(e.same_inode_as.iter().cloned());
+            }
+        }
+    }
+    for t in [a, b] {
+        t.entries.retain(|p, _| !names.contains(p));
     }
 }
 
