@@ -730,6 +730,9 @@ impl OverlayFs {
         } else {
             // Clear what the upper layer holds at the destination and the rename could not
             // replace: whiteouts of an emptied directory, a whiteout under a directory.
+            // Whether the upper layer still holds an entry at the destination: a whiteout
+            // when nothing shows there (RENAME_NOREPLACE was checked on the merged view).
+            let mut upper_occupied = false;
             match sys::fstatat(npu.as_fd(), newname, libc::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) if src_dir && layer::is_char_whiteout(npu.as_fd(), newname, &st)? => {
                     sys::unlinkat(npu.as_fd(), newname, 0)?;
@@ -742,14 +745,20 @@ impl OverlayFs {
                         0,
                     )?;
                     remove_contents(dfd.as_fd())?;
+                    upper_occupied = true;
                 }
-                _ => {}
+                Ok(_) => upper_occupied = true,
+                Err(_) => {}
             }
             let dst_counted = match &dst {
                 Some(d) if !is_dir(d.top_stat()) => self.counted_inode(&np, d)?,
                 _ => None,
             };
-            let mut rflags = flags & sys::RENAME_NOREPLACE;
+            let mut rflags = if upper_occupied {
+                0
+            } else {
+                flags & sys::RENAME_NOREPLACE
+            };
             if src_needs_wh && self.style.char_whiteout {
                 rflags |= sys::RENAME_WHITEOUT;
             }

@@ -963,3 +963,41 @@ fn open_by_handle_through_the_mount() {
     drop(d);
     m.unmount();
 }
+
+/// Found by the random differential (seed 2, native): after a lower name was removed (a
+/// whiteout in the upper), `renameat2(x, name, RENAME_NOREPLACE)` failed with EEXIST: the
+/// flag went on to the upper layer, where the whiteout is an entry. The kernel renames.
+#[test]
+fn rename_noreplace_onto_a_removed_lower_name() {
+    use crate::util::sys::{RENAME_NOREPLACE, renameat2};
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("d").file("d/f", b"f").file("g", b"g");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    fs::rename(m.join("d"), m.join("moved")).expect("mv d (leaves a whiteout)");
+    fs::remove_file(m.join("g")).expect("rm g (leaves a whiteout)");
+    fs::write(m.join("x"), b"x").expect("create x");
+    fs::create_dir(m.join("y")).expect("mkdir y");
+    renameat2(&m.join("x"), &m.join("d"), RENAME_NOREPLACE).expect("x -> d");
+    renameat2(&m.join("y"), &m.join("g"), RENAME_NOREPLACE).expect("y -> g");
+    assert_eq!(read(&m.join("d")), "x");
+    assert!(fs::metadata(m.join("g")).expect("stat g").is_dir());
+    assert!(!m.join("x").exists() && !m.join("y").exists());
+    crate::util::assert_errno(
+        "NOREPLACE onto an existing name",
+        renameat2(&m.join("moved"), &m.join("d"), RENAME_NOREPLACE),
+        libc::EEXIST,
+    );
+    m.unmount();
+    let m = fx.mount_stratafs("");
+    assert_eq!(read(&m.join("d")), "x");
+    assert_eq!(read(&m.join("moved/f")), "f");
+    assert!(
+        fs::read_dir(m.join("g"))
+            .expect("readdir g")
+            .next()
+            .is_none()
+    );
+    m.unmount();
+    fx.assert_lowers_unchanged();
+}
