@@ -426,15 +426,27 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Raises RLIMIT_NOFILE to its hard limit: the daemon keeps one fd per live inode.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+/// Sets RLIMIT_NOFILE to `want`, raising the hard limit where the process may
+/// (CAP_SYS_RESOURCE), else to no more than the hard limit: the daemon keeps one fd per live
+/// inode. Returns the new soft limit.
+pub fn raise_nofile_limit(want: u64) -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid rlimit to fill.
     cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    lim.rlim_cur = lim.rlim_max;
+    if want > lim.rlim_max {
+        let more = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        // SAFETY: `more` is a valid rlimit; failure (EPERM) leaves the limit as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &more) } == 0 {
+            return Ok(want);
+        }
+    }
+    lim.rlim_cur = lim.rlim_max.min(want);
     // SAFETY: `lim` is a valid rlimit.
     cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
     Ok(lim.rlim_cur)
