@@ -78,6 +78,21 @@ fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     }
 }
 
+/// Test hook: with `STRATAFS_FAILPOINT=panic-lookup:NAME` in the daemon's environment, a
+/// LOOKUP of NAME panics inside its handler, so tests can check that [`guard`] fails that
+/// request alone. Read once; unset (the normal case) it costs one load per lookup.
+fn failpoint_panic_lookup(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    static NAME: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let v = std::env::var_os("STRATAFS_FAILPOINT")?;
+        let n = v.as_bytes().strip_prefix(b"panic-lookup:")?;
+        Some(OsStr::from_bytes(n).to_os_string())
+    })
+    .as_deref()
+        == Some(name)
+}
+
 impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for cap in [
@@ -111,7 +126,13 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match guard(|| self.do_lookup(parent, name)) {
+        let res = guard(|| {
+            if failpoint_panic_lookup(name) {
+                panic!("failpoint panic-lookup:{}", name.to_string_lossy());
+            }
+            self.do_lookup(parent, name)
+        });
+        match res {
             Ok((attr, _)) => reply.entry(&self.ttl(), &attr, GEN),
             // Node id 0 is a negative entry the kernel may cache: every change of this name
             // goes through the kernel, which drops it.
