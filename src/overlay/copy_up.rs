@@ -81,6 +81,7 @@ impl OverlayFs {
                 drop(s);
                 self.copy_up(&parent, CopyUp::Meta)?;
                 let fd = self.link_indexed(&parent, &name, index.as_fd())?;
+                self.copied_up();
                 let mut s = node.state.write();
                 s.upper = Some(fd.clone());
                 s.index = None;
@@ -121,6 +122,7 @@ impl OverlayFs {
                 r => break r?,
             }
         };
+        self.copied_up();
         let mut s = node.state.write();
         s.upper = Some(fd.clone());
         s.metacopy = meta;
@@ -272,7 +274,7 @@ impl OverlayFs {
             .and_then(|()| sys::linkat(work, &tmp, index.as_fd(), &super::index_name(st_ino)));
         let _ = super::dir::remove_entry(work, &tmp);
         match built {
-            Ok(()) => {}
+            Ok(()) => self.copied_up(),
             // Someone indexed it meanwhile: theirs counts.
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e),

@@ -81,10 +81,13 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    /// The topmost real object: upper if copied up, else the topmost lower.
+    /// The topmost real object: upper if copied up, else the indexed inode of a hard link
+    /// another name of which was copied up (its metadata and xattrs are the object's now),
+    /// else the topmost lower.
     pub fn top(&self) -> Option<&Arc<OwnedFd>> {
         self.upper
             .as_ref()
+            .or(self.index.as_ref())
             .or_else(|| self.lowers.first().map(|l| &l.fd))
     }
 

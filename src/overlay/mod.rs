@@ -108,6 +108,9 @@ pub struct OverlayFs {
     own: idmap::Ownership,
     /// Serialises read-modify-write of indexed link counts.
     nlink_lock: parking_lot::Mutex<()>,
+    /// Counts copy-ups (and index entries made), so a lookup that raced one can tell that what
+    /// it found may be stale (see `intern`).
+    copy_gen: AtomicU64,
     /// The kernel notifier, once mounted: tells the kernel when stratafs itself changed what
     /// it may have cached.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -140,6 +143,9 @@ pub struct Found {
     /// The copied-up inode of a lower hard link, from the index, when this name itself is not
     /// in the upper layer yet.
     index: Option<(Arc<OwnedFd>, sys::Stat)>,
+    /// `OverlayFs::copy_gen` when the lookup started: a copy-up since may have put this name
+    /// (or its hard link's inode) above what was found.
+    seen_gen: u64,
 }
 
 /// Where a lookup continues in the lower layers.
@@ -324,6 +330,7 @@ impl OverlayFs {
             notifier: Arc::new(std::sync::OnceLock::new()),
             index,
             nlink_lock: parking_lot::Mutex::new(()),
+            copy_gen: AtomicU64::new(0),
             own: cfg.ownership.clone(),
         })
     }
@@ -494,7 +501,10 @@ impl OverlayFs {
         if layer::is_marker_name(name) {
             return Ok(None);
         }
-        let mut found = Found::default();
+        let mut found = Found {
+            seen_gen: self.copy_gen.load(Ordering::SeqCst),
+            ..Found::default()
+        };
         // Where to look in the layers below: this name in the parent's layer dirs, until a
         // redirect says otherwise.
         let mut target = Target::Name(name.to_os_string());
@@ -663,8 +673,10 @@ impl OverlayFs {
     /// Turns a lookup result into a node (existing or new) and counts one kernel lookup.
     fn intern(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> (Arc<Node>, sys::Stat) {
         let st_ino = self.stino_of(&found);
-        let st = *found.top_stat();
+        let mut st = *found.top_stat();
         let dir = is_dir(&st);
+        let seen_gen = found.seen_gen;
+        let below_only = found.upper.is_none() && found.index.is_none();
         let Found {
             upper,
             lowers,
@@ -694,19 +706,40 @@ impl OverlayFs {
             aliases: Vec::new(),
         };
         let (node, existed) = self.table.lookup_or_insert(st_ino, dir, make);
-        if !existed {
-            self.reaper.kick();
-        }
         if existed {
             let mut s = node.state.write();
             s.note_name(parent, name);
-            if s.upper.is_none() && upper_fd.is_some() {
-                s.upper = upper_fd;
-                s.opaque = opaque;
-                s.xwhiteouts = xwhiteouts;
-            }
-            if s.upper.is_none() && s.index.is_none() && index_fd.is_some() {
-                s.index = index_fd;
+            merge_above(&mut s, upper_fd, index_fd, opaque, xwhiteouts);
+            drop(s);
+            return (node, st);
+        }
+        self.reaper.kick();
+        if below_only && self.copy_gen.load(Ordering::SeqCst) != seen_gen {
+            // A copy-up ran while this name was looked up, and the kernel had forgotten the
+            // node meanwhile (so it was made afresh from what was found): the name, or another
+            // name of its hard link, may now be above. Copy-ups of this node from now on see
+            // the node in the table; look once more for what came before.
+            let again = self.resolve(&parent.state.read(), name).ok().flatten();
+            if let Some(f) = again
+                && self.stino_of(&f) == st_ino
+                && is_dir(f.top_stat()) == dir
+            {
+                st = *f.top_stat();
+                let mut s = node.state.write();
+                let had_upper = s.upper.is_some();
+                merge_above(
+                    &mut s,
+                    f.upper.map(|(fd, _)| fd),
+                    f.index.map(|(fd, _)| fd),
+                    f.opaque,
+                    f.xwhiteouts,
+                );
+                if !had_upper && s.upper.is_some() {
+                    s.metacopy = f.metacopy;
+                    s.impure = f.impure;
+                    s.redirect = f.redirect;
+                }
+                drop(s);
             }
         }
         (node, st)
@@ -723,7 +756,7 @@ impl OverlayFs {
         } else if state.unlinked && state.upper.is_none() && state.index.is_none() {
             nlink = 0;
         } else if !node.is_dir
-            && st.st_nlink > 1
+            && (st.st_nlink > 1 || state.index.is_some())
             && let Some(n) = state
                 .upper
                 .as_ref()
@@ -841,6 +874,32 @@ impl OverlayFs {
 
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+}
+
+impl OverlayFs {
+    /// Counts a copy-up (or a new index entry), after it is on disk.
+    fn copied_up(&self) {
+        self.copy_gen.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes the upper object (or the indexed inode of a hard link) a later lookup found for a
+/// node that was known only below.
+fn merge_above(
+    s: &mut NodeState,
+    upper: Option<Arc<OwnedFd>>,
+    index: Option<Arc<OwnedFd>>,
+    opaque: bool,
+    xwhiteouts: bool,
+) {
+    if s.upper.is_none() && upper.is_some() {
+        s.upper = upper;
+        s.opaque = opaque;
+        s.xwhiteouts = xwhiteouts;
+    }
+    if s.upper.is_none() && s.index.is_none() && index.is_some() {
+        s.index = index;
     }
 }
 
