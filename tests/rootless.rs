@@ -796,3 +796,322 @@ fusermount3 -u "$M"
         assert!(name.starts_with("user."), "{}: {name}", p.display());
     }
 }
+
+/// Bash helpers for the tests below: `as UID CMD...` runs CMD as UID (same gid, no groups);
+/// `try_as UID CMD...` prints `ok` or the error of CMD; `tree DIR` lists every entry under DIR
+/// with its type, mode and (for files) content, one line.
+const SCRIPT_HELPERS: &str = r#"
+as() { local id=$1; shift; setpriv --reuid="$id" --regid="$id" --clear-groups "$@"; }
+try_as() {
+    local out
+    if out=$(as "$@" 2>&1 >/dev/null); then echo ok; else echo "${out##*: }"; fi
+}
+tree() {
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | while IFS= read -r p; do
+        if [ -L "$p" ]; then echo "$p@$(readlink "$p")"
+        elif [ -d "$p" ]; then echo "$p/$(stat -c %a "$p")"
+        else echo "$p:$(stat -c %a "$p")=$(cat "$p")"; fi
+    done | tr '\n' ' ')
+}
+"#;
+
+/// Who may use a mount in a user namespace. Mounted by the namespace's root the mount serves
+/// every id of the namespace (as root on the host; rootless podman runs containers as other
+/// ids of its namespace). Mounted by another id of the namespace (through `fusermount3`, as a
+/// non-root user mounts), it serves only that id unless `allow_other` is given (the kernel's
+/// FUSE check, `user_allow_other` set in a private /etc/fuse.conf for the run).
+#[test]
+fn userns_allow_other() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    fs::set_permissions(t, fs::Permissions::from_mode(0o755)).unwrap();
+    mkdirs(
+        t,
+        &["l/d", "u0", "w0", "m0", "u1", "w1", "m1", "u2", "w2", "m2"],
+    );
+    write(&t.join("l/a"), "lower a\n");
+    fs::set_permissions(t.join("l/a"), fs::Permissions::from_mode(0o644)).unwrap();
+    // Namespace id 1 (host 100000) owns the layers and mount points of its own mounts.
+    for d in ["u1", "w1", "m1", "u2", "w2", "m2"] {
+        chown(&t.join(d), 100000, 100000);
+    }
+    fs::write(t.join("fuse.conf"), "user_allow_other\n").unwrap();
+    let run = run_in_userns(
+        ROOTLESS_MAP,
+        t,
+        t,
+        &format!(
+            "{SCRIPT_HELPERS}{}",
+            r#"
+mount --bind "$T/fuse.conf" /etc/fuse.conf
+L=$T/l
+# Root of the namespace mounts: every id may use it.
+"$BIN" -o "lowerdir=$L,upperdir=$T/u0,workdir=$T/w0" "$T/m0"
+obs root_mount_opts "$(awk -v m="$T/m0" '$5 == m { print $NF }' /proc/self/mountinfo)"
+obs root_mount_by0 "$(try_as 0 cat "$T/m0/a")"
+obs root_mount_by2 "$(try_as 2 cat "$T/m0/a")"
+obs root_mount_by2_ls "$(try_as 2 ls "$T/m0/d")"
+fusermount3 -u "$T/m0"
+# Id 1 mounts without allow_other: only id 1 gets in.
+as 1 "$BIN" -o "lowerdir=$L,upperdir=$T/u1,workdir=$T/w1" "$T/m1"
+obs user_mount "$(fstype "$T/m1")"
+obs user_mount_opts "$(awk -v m="$T/m1" '$5 == m { print $NF }' /proc/self/mountinfo)"
+obs user_mount_by1 "$(try_as 1 cat "$T/m1/a")"
+obs user_mount_by1_write "$(try_as 1 sh -c "echo new > $T/m1/new")"
+obs user_mount_by2 "$(try_as 2 cat "$T/m1/a")"
+obs user_mount_by2_stat "$(try_as 2 stat "$T/m1/d")"
+obs user_mount_by0 "$(try_as 0 cat "$T/m1/a")"
+as 1 fusermount3 -u "$T/m1"
+obs user_unmounted "$(mounted "$T/m1" && echo no || echo yes)"
+# Id 1 mounts with allow_other: id 2 gets in, the modes still apply.
+as 1 "$BIN" -o "lowerdir=$L,upperdir=$T/u2,workdir=$T/w2,allow_other" "$T/m2"
+obs other_mount_opts "$(awk -v m="$T/m2" '$5 == m { print $NF }' /proc/self/mountinfo)"
+obs other_mount_by1 "$(try_as 1 cat "$T/m2/a")"
+obs other_mount_by2 "$(try_as 2 cat "$T/m2/a")"
+obs other_mount_by2_ls "$(try_as 2 ls "$T/m2/d")"
+obs other_mount_by2_write "$(try_as 2 sh -c "echo x > $T/m2/a")"
+obs other_mount_by0 "$(try_as 0 cat "$T/m2/a")"
+as 1 fusermount3 -u "$T/m2"
+"#
+        ),
+    );
+    run.assert_ok();
+    assert!(
+        run.get("root_mount_opts").contains("allow_other"),
+        "{}",
+        run.describe()
+    );
+    run.expect("root_mount_by0", "ok");
+    run.expect("root_mount_by2", "ok");
+    run.expect("root_mount_by2_ls", "ok");
+    run.expect("user_mount", "fuse.stratafs stratafs");
+    assert!(
+        !run.get("user_mount_opts").contains("allow_other"),
+        "{}",
+        run.describe()
+    );
+    run.expect("user_mount_by1", "ok");
+    run.expect("user_mount_by1_write", "ok");
+    run.expect("user_mount_by2", "Permission denied");
+    run.expect("user_mount_by2_stat", "Permission denied");
+    run.expect("user_mount_by0", "Permission denied");
+    run.expect("user_unmounted", "yes");
+    assert!(
+        run.get("other_mount_opts").contains("allow_other"),
+        "{}",
+        run.describe()
+    );
+    run.expect("other_mount_by1", "ok");
+    run.expect("other_mount_by2", "ok");
+    run.expect("other_mount_by2_ls", "ok");
+    run.expect("other_mount_by2_write", "Permission denied");
+    run.expect("other_mount_by0", "ok");
+    assert_eq!(fs::read_to_string(t.join("u1/new")).unwrap(), "new\n");
+    assert_eq!(owner(&t.join("u1/new")), (100000, 100000));
+    assert_eq!(fs::read_to_string(t.join("l/a")).unwrap(), "lower a\n");
+}
+
+/// Kinds of the entries under `root` that only an overlay format makes: char 0/0 devices and
+/// `.wh.*` names (paths relative to `root`).
+fn marker_entries(root: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut chars, mut whs) = (Vec::new(), Vec::new());
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p).expect("readdir").flatten() {
+            let md = fs::symlink_metadata(e.path()).expect("lstat");
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if md.file_type().is_char_device() && md.rdev() == 0 {
+                chars.push(rel.clone());
+            }
+            if e.file_name().to_string_lossy().starts_with(".wh.") {
+                whs.push(rel);
+            }
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    chars.sort();
+    whs.sort();
+    (chars, whs)
+}
+
+/// Rootless markers where the kernel refuses char 0/0 whiteouts (forced here with
+/// `STRATAFS_FORCE_WH_FILES=1`, as this kernel allows them in a user namespace): deletes leave
+/// `.wh.NAME` files, the merged view hides them, a remount and fuse-overlayfs (which reads
+/// `.wh.` files; the kernel's overlayfs does not) show the same tree. In the same namespace an
+/// O(1) `mv` of a lower directory writes `user.overlay.redirect` and a `chmod` of a lower file
+/// `user.overlay.metacopy`, and a remount shows the same tree.
+#[test]
+fn userns_wh_files_redirect_and_metacopy() {
+    const FOVL: &str = "/usr/bin/fuse-overlayfs";
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    mkdirs(t, &["u1", "w1", "m1", "fw", "f", "u2", "w2", "m2"]);
+    let l = t.join("l");
+    write(&l.join("a"), "lower a\n");
+    write(&l.join("b"), "lower b\n");
+    write(&l.join("d/x"), "x\n");
+    write(&l.join("d/sub/y"), "y\n");
+    write(&l.join("e/z"), "z\n");
+    write(&l.join("keep/k"), "k\n");
+    write(&l.join("keep/gone"), "g\n");
+    write(&l.join("mv_me/f1"), "f1\n");
+    write(&l.join("mv_me/sub/f2"), "f2\n");
+    write(&l.join("meta"), "meta data\n");
+    fs::set_permissions(l.join("meta"), fs::Permissions::from_mode(0o644)).unwrap();
+    let lower_before = lower_state(&l);
+    let have_fovl = Path::new(FOVL).exists();
+    let run = run_in_userns(
+        Map::Root,
+        t,
+        t,
+        &format!(
+            "{SCRIPT_HELPERS}FOVL={}\n{}",
+            if have_fovl { FOVL } else { "" },
+            r#"
+L=$T/l
+M=$T/m1
+export STRATAFS_FORCE_WH_FILES=1
+"$BIN" -o "lowerdir=$L,upperdir=$T/u1,workdir=$T/w1" "$M"
+rm "$M/b" "$M/keep/gone"
+rm -r "$M/d"; mkdir "$M/d"; echo new > "$M/d/n"
+rm -r "$M/e"
+echo changed > "$M/a"
+obs tree "$(tree "$M")"
+obs wh_create "$(touch "$M/.wh.x" 2>/dev/null && echo made || echo refused)"
+fusermount3 -u "$M"
+unset STRATAFS_FORCE_WH_FILES
+"$BIN" -o "lowerdir=$L,upperdir=$T/u1,workdir=$T/w1" "$M"
+obs re_tree "$(tree "$M")"
+fusermount3 -u "$M"
+if [ -n "$FOVL" ]; then
+    "$FOVL" -o "lowerdir=$L,upperdir=$T/u1,workdir=$T/fw" "$T/f"
+    obs fovl_tree "$(tree "$T/f")"
+    fusermount3 -u "$T/f"
+else
+    obs fovl_tree unavailable
+fi
+# Redirect and metacopy, whiteouts still forced to .wh. files.
+M=$T/m2
+export STRATAFS_FORCE_WH_FILES=1
+"$BIN" -o "lowerdir=$L,upperdir=$T/u2,workdir=$T/w2" "$M"
+mv "$M/mv_me" "$M/moved"
+chmod 600 "$M/meta"
+obs tree2 "$(tree "$M")"
+fusermount3 -u "$M"
+# Metadata only was copied up: the mark, the lower size, no data blocks.
+obs meta_mark "$(getfattr -n user.overlay.metacopy "$T/u2/meta" >/dev/null 2>&1 && echo yes || echo no)"
+obs meta_copy "$(stat -c %s:%b:%a "$T/u2/meta")"
+unset STRATAFS_FORCE_WH_FILES
+"$BIN" -o "lowerdir=$L,upperdir=$T/u2,workdir=$T/w2" "$M"
+obs re_tree2 "$(tree "$M")"
+# The moved tree is still usable: a copy-up inside it, and the metacopy's data fill.
+echo more >> "$M/moved/sub/f2"
+echo more >> "$M/meta"
+obs after_writes "$(cat "$M/moved/sub/f2" "$M/meta" | tr '\n' ' ')"
+fusermount3 -u "$M"
+"$BIN" -o "lowerdir=$L,upperdir=$T/u2,workdir=$T/w2" "$M"
+obs re_after_writes "$(cat "$M/moved/sub/f2" "$M/meta" | tr '\n' ' ')"
+fusermount3 -u "$M"
+"#
+        ),
+    );
+    run.assert_ok();
+    let want = "./a:644=changed ./d/755 ./d/n:644=new ./keep/755 ./keep/k:644=k ./meta:644=meta \
+                data ./mv_me/755 ./mv_me/f1:644=f1 ./mv_me/sub/755 ./mv_me/sub/f2:644=f2 ";
+    run.expect("tree", want);
+    run.expect("wh_create", "refused");
+    run.expect("re_tree", want);
+    if run.get("fovl_tree") != "unavailable" {
+        run.expect("fovl_tree", want);
+    } else {
+        println!("fuse-overlayfs not installed: the .wh. upper was not read by it");
+    }
+    let want2 = "./a:644=lower a ./b:644=lower b ./d/755 ./d/sub/755 ./d/sub/y:644=y \
+                 ./d/x:644=x ./e/755 ./e/z:644=z ./keep/755 ./keep/gone:644=g ./keep/k:644=k \
+                 ./meta:600=meta data ./moved/755 ./moved/f1:644=f1 ./moved/sub/755 \
+                 ./moved/sub/f2:644=f2 ";
+    run.expect("tree2", want2);
+    run.expect("re_tree2", want2);
+    run.expect("meta_mark", "yes");
+    run.expect("meta_copy", "10:0:600");
+    run.expect("after_writes", "f2 more meta data more ");
+    run.expect("re_after_writes", "f2 more meta data more ");
+
+    // The first upper holds `.wh.` files and no char 0/0 device; `d` is opaque.
+    let u1 = t.join("u1");
+    let (chars, whs) = marker_entries(&u1);
+    assert!(chars.is_empty(), "char 0/0 whiteouts written: {chars:?}");
+    assert_eq!(
+        whs,
+        [".wh.b", ".wh.e", "keep/.wh.gone"],
+        "whiteouts in {}",
+        u1.display()
+    );
+    for w in &whs {
+        let md = fs::symlink_metadata(u1.join(w)).unwrap();
+        assert!(md.is_file() && md.len() == 0, "{w}: not an empty file");
+    }
+    assert!(
+        xattr_str(&u1.join("d"), "user.overlay.opaque").as_deref() == Some("y")
+            || u1.join("d/.wh..wh..opq").exists(),
+        "d was made over a lower directory: it must be opaque"
+    );
+    // The second: a redirect on the moved dir, a whiteout file at its old name, a metacopy.
+    let u2 = t.join("u2");
+    let redirect = xattr_str(&u2.join("moved"), "user.overlay.redirect");
+    assert!(
+        matches!(redirect.as_deref(), Some("mv_me" | "/mv_me")),
+        "redirect of moved: {redirect:?}"
+    );
+    assert!(
+        !u2.join("moved/f1").exists(),
+        "the O(1) rename copied the tree"
+    );
+    let (chars, whs) = marker_entries(&u2);
+    assert!(chars.is_empty(), "char 0/0 whiteouts written: {chars:?}");
+    assert_eq!(whs, [".wh.mv_me"], "whiteouts in {}", u2.display());
+    for (p, name) in all_xattrs(&u1).into_iter().chain(all_xattrs(&u2)) {
+        assert!(name.starts_with("user."), "{}: {name}", p.display());
+    }
+    // The metacopy mark was written by the chmod and dropped by the data fill; the copy
+    // holds the whole data now.
+    assert_eq!(xattr_str(&u2.join("meta"), "user.overlay.metacopy"), None);
+    assert_eq!(
+        fs::read_to_string(u2.join("meta")).unwrap(),
+        "meta data\nmore\n"
+    );
+    assert_eq!(lower_state(&l), lower_before, "the lower layer changed");
+}
+
+/// Names, modes and contents of everything under `root`.
+fn lower_state(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).unwrap();
+        let data = if md.is_file() {
+            fs::read(&p).unwrap()
+        } else {
+            Vec::new()
+        };
+        out.push((p.clone(), md.mode(), data));
+        if md.is_dir() {
+            for e in fs::read_dir(&p).unwrap().flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
