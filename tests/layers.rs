@@ -1784,3 +1784,614 @@ fn fstype_of(path: &Path) -> Option<String> {
         .and_then(|r| r.split(' ').next())
         .map(str::to_owned)
 }
+
+/// An unmounted tmpfs of `size` at a fresh directory; unmounted on drop, also on panic.
+struct Tmpfs {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("stratafs-layers-tmpfs-")
+            .tempdir()
+            .unwrap();
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs at {mnt:?}");
+        Tmpfs { mnt, _dir: dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// `n` files of `size` bytes (distinct content) under `dir/`, plus a small file.
+fn sized_tar(dir: &str, n: usize, size: usize) -> Vec<u8> {
+    let mut t = TarBuf::new();
+    t.dir(&format!("{dir}/"), 0o755);
+    for i in 0..n {
+        let mut data = vec![(i % 251) as u8; size];
+        data[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        t.file(&format!("{dir}/f{i}"), 0o644, &data);
+    }
+    t.file(&format!("{dir}/small"), 0o600, b"small\n");
+    t.done()
+}
+
+/// The scratch an interrupted or failed apply could leave in the store: `.tmp/` entries and,
+/// in layer directories, `.diff-*` dirs, pending records and `write_atomic` temp files.
+fn store_scratch(root: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(root.join(".tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+        if n.starts_with('.') || !p.is_dir() {
+            continue;
+        }
+        for e in fs::read_dir(&p).unwrap() {
+            let q = e.unwrap().path();
+            if q.file_name().unwrap().as_encoded_bytes().starts_with(b".") {
+                out.push(q);
+            }
+        }
+    }
+    out
+}
+
+/// A full disk during a layer apply: ENOSPC reaches the caller as ENOSPC (not as a corrupt
+/// archive), no half layer is left, the other layers are intact, and once space is freed the
+/// same tar applies.
+#[test]
+fn enospc_during_layer_apply() {
+    let fs8 = Tmpfs::new("8m");
+    let s = LayerStore::open(fs8.mnt.join("store")).unwrap();
+    let root = s.root().to_path_buf();
+    s.create("base", None, false).unwrap();
+    s.apply_diff("base", &base_tar()[..]).unwrap();
+    let base_tree = tree(&root.join("base/diff"));
+    let base_meta = s.meta("base").unwrap();
+    let links = fs::read_dir(root.join("l")).unwrap().count();
+    // 6 MiB of data: fits the empty tmpfs, not with the 4 MiB filler next to the store.
+    let tar = sized_tar("data", 6, 1 << 20);
+    let reference = tempfile::tempdir().unwrap();
+    apply_ok(&reference.path().join("ref"), &tar);
+    let want = tree(&reference.path().join("ref"));
+    let filler = fs8.mnt.join("filler");
+    fs::write(&filler, vec![1u8; 4 << 20]).unwrap();
+    let is_enospc = |e: &Error| match e {
+        Error::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
+    };
+    let intact = |what: &str| {
+        assert_eq!(
+            tree(&root.join("base/diff")),
+            base_tree,
+            "{what}: base changed"
+        );
+        assert_eq!(
+            s.meta("base").unwrap(),
+            base_meta,
+            "{what}: base record changed"
+        );
+        assert_eq!(
+            store_scratch(&root),
+            Vec::<PathBuf>::new(),
+            "{what}: scratch left"
+        );
+        assert_eq!(
+            fs::read_dir(root.join("l")).unwrap().count(),
+            links + usize::from(s.exists("big")),
+            "{what}: short links"
+        );
+    };
+
+    // apply-diff into an existing layer: the layer stays empty.
+    s.create("big", Some("base"), false).unwrap();
+    let err = s.apply_diff("big", &tar[..]).unwrap_err();
+    assert!(is_enospc(&err), "apply-diff on a full disk: {err}");
+    assert_eq!(fs::read_dir(root.join("big/diff")).unwrap().count(), 0);
+    assert_eq!(s.meta("big").unwrap().diff_id, None);
+    intact("apply-diff");
+
+    // A layer made from the tar (what an image import does): no layer at all.
+    let err = s
+        .create_from_tar("big2", Some("base"), &tar[..], None)
+        .unwrap_err();
+    assert!(is_enospc(&err), "create from tar on a full disk: {err}");
+    assert!(!s.exists("big2") && !root.join("big2").exists());
+    intact("create from tar");
+
+    // The command line says so.
+    let tarfile = reference.path().join("big.tar");
+    fs::write(&tarfile, &tar).unwrap();
+    let out = Command::new(BIN)
+        .args(["layers", "--root"])
+        .arg(&root)
+        .args(["apply-diff", "big"])
+        .arg(&tarfile)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert!(!msg.contains("corrupt"), "{msg}");
+    intact("the command line");
+
+    // Space freed: the same tar applies, to exactly the reference tree.
+    fs::remove_file(&filler).unwrap();
+    let stats = s.apply_diff("big", &tar[..]).unwrap();
+    assert_eq!(stats.diff_id, digest::sha256_str(&tar));
+    assert_eq!(tree(&root.join("big/diff")), want);
+    assert_eq!(s.meta("big").unwrap().diff_id, Some(stats.diff_id));
+    intact("after freeing space");
+    s.remove("big").unwrap();
+    assert_eq!(s.list().unwrap(), vec!["base".to_string()]);
+}
+
+/// An `apply-diff` that died between renaming the content in and writing its record: cleanup
+/// completes the record (content in place) or drops it (content still in scratch).
+#[test]
+fn cleanup_completes_or_drops_an_interrupted_apply_record() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path(), Backend::Stratafs);
+    let root = s.root().to_path_buf();
+    let tar = base_tar();
+    let diff_id = digest::sha256_str(&tar);
+    s.create("done", None, false).unwrap();
+    s.create("undone", None, false).unwrap();
+    // "done": content renamed in, record still pending.
+    apply_ok(&root.join("done/diff"), &tar);
+    let mut meta = s.meta("done").unwrap();
+    meta.diff_id = Some(diff_id.clone());
+    fs::write(
+        root.join("done/.stratafs.json.pending-ABC"),
+        serde_json::to_vec(&meta).unwrap(),
+    )
+    .unwrap();
+    // "undone": content still in its scratch dir, next to its pending record.
+    apply_ok(&root.join("undone/.diff-XYZ"), &tar);
+    fs::write(
+        root.join("undone/.stratafs.json.pending-XYZ"),
+        serde_json::to_vec(&meta).unwrap(),
+    )
+    .unwrap();
+    fs::write(root.join("undone/.stratafs.json.tmp-123"), b"{").unwrap();
+    let rep = s.cleanup().unwrap();
+    assert_eq!(rep.completed, vec!["done".to_string()]);
+    assert_eq!(rep.scratch.len(), 4, "{:?}", rep.scratch);
+    assert_eq!(s.meta("done").unwrap().diff_id, Some(diff_id));
+    assert_eq!(s.meta("undone").unwrap().diff_id, None);
+    assert_eq!(fs::read_dir(root.join("undone/diff")).unwrap().count(), 0);
+    assert_eq!(store_scratch(&root), Vec::<PathBuf>::new());
+    // The undone layer takes the tar now.
+    s.apply_diff("undone", &tar[..]).unwrap();
+    assert_eq!(
+        tree(&root.join("undone/diff")),
+        tree(&root.join("done/diff"))
+    );
+}
+
+/// `kill -9` of `stratafs layers apply-diff` and `stratafs image import` at seeded points (the
+/// approach of `tests/snapshots.rs`' `crash::*`): after each kill the store reopens, the
+/// operation shows the old state or the new one, and `cleanup` leaves no scratch or orphan.
+mod crash {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::process::{Child, Stdio};
+    use std::time::{Duration, Instant, SystemTime};
+
+    /// Kill points per operation.
+    const KILLS: usize = 10;
+
+    /// Held by each crash test: they calibrate and kill on the same cores, so one at a time
+    /// (across nextest's processes too).
+    fn serial() -> File {
+        let f = File::create(std::env::temp_dir().join("stratafs-layers-crash.lock")).unwrap();
+        f.lock().unwrap();
+        f
+    }
+
+    fn seed() -> u64 {
+        let s = std::env::var("STRATAFS_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("seed {s} (replay with STRATAFS_SEED={s})");
+        s
+    }
+
+    /// A CLI child, killed and reaped on drop.
+    struct ChildGuard(Option<Child>);
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// A scratch dir on tmpfs where there is one (thousands of files per kill stay cheap).
+    fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+        let mut b = tempfile::Builder::new();
+        b.prefix(prefix);
+        if Path::new("/dev/shm").is_dir() {
+            b.tempdir_in("/dev/shm")
+        } else {
+            b.tempdir()
+        }
+        .unwrap()
+    }
+
+    fn cli(kind: &str, root: &Path, args: &[&OsStr]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg(kind)
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    #[derive(Default, Debug)]
+    struct Tally {
+        /// Killed while holding an fd under the store root (the lock, a layer being built).
+        in_flight: usize,
+        /// Left a half-done state that cleanup collected.
+        leftovers: usize,
+        /// Killed before it had opened anything of the store.
+        before: usize,
+        /// Exited (successfully) before the kill.
+        finished: usize,
+        old_state: usize,
+        new_state: usize,
+    }
+
+    fn run_and_kill(mut cmd: Command, root: &Path, delay: Duration, tally: &mut Tally) {
+        let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));
+        let child = guard.0.as_mut().unwrap();
+        std::thread::sleep(delay);
+        let pid = child.id();
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{cmd:?} failed uninterrupted: {st}");
+            tally.finished += 1;
+            return;
+        }
+        let holds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                    .any(|t| t.starts_with(root))
+            })
+            .unwrap_or(false);
+        child.kill().unwrap();
+        let st = child.wait().unwrap();
+        guard.0 = None;
+        use std::os::unix::process::ExitStatusExt;
+        if st.signal() == Some(9) {
+            if holds {
+                tally.in_flight += 1;
+            } else {
+                tally.before += 1;
+            }
+        } else {
+            assert!(st.success(), "{cmd:?} failed: {st}");
+            tally.finished += 1;
+        }
+    }
+
+    fn timed(mut cmd: Command) -> Duration {
+        let t = Instant::now();
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed()
+    }
+
+    /// Uniform between T/20 and 1.1 T (T: the shorter of two uninterrupted runs), so that
+    /// a few kills come at the very end or after the exit.
+    fn kill_delay(rng: &mut StdRng, t: Duration) -> Duration {
+        let t = t.as_secs_f64();
+        Duration::from_secs_f64(rng.random_range(t / 20.0..t * 1.1))
+    }
+
+    fn report(op: &str, t: Duration, tally: &Tally, started: Instant) {
+        eprintln!(
+            "crash {op}: {KILLS} kill points over {t:?} runs: {} in flight ({} left half-done \
+             state), {} before open, {} after exit; {} old state, {} new state; {:?}",
+            tally.in_flight,
+            tally.leftovers,
+            tally.before,
+            tally.finished,
+            tally.old_state,
+            tally.new_state,
+            started.elapsed()
+        );
+        assert!(
+            tally.in_flight >= 2,
+            "{op}: too few kills landed during the operation: {tally:?}"
+        );
+        assert!(
+            tally.leftovers >= 1,
+            "{op}: no kill left a half-done state: {tally:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{op}: bounded time"
+        );
+    }
+
+    /// A layer of `dirs` x `files` small files and a file of `big` bytes: an apply that takes
+    /// a while.
+    fn many_files_tar(tag: &str, dirs: usize, files: usize, big: usize) -> Vec<u8> {
+        let mut t = TarBuf::new();
+        for d in 0..dirs {
+            t.dir(&format!("{tag}{d}/"), 0o755);
+            for f in 0..files {
+                t.file(
+                    &format!("{tag}{d}/f{f}"),
+                    0o644,
+                    format!("{tag} {d}/{f}\n").as_bytes(),
+                );
+            }
+        }
+        t.file(&format!("{tag}-big"), 0o600, &vec![7u8; big]);
+        t.done()
+    }
+
+    fn entries(dir: &Path) -> usize {
+        fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn kill_9_during_apply_diff() {
+        let _serial = serial();
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed());
+        let tmp = scratch_dir("stratafs-layercrash-");
+        let s = LayerStore::open(tmp.path().join("store")).unwrap();
+        let root = s.root().to_path_buf();
+        // Another layer of the store, which no kill may touch.
+        s.create("base", None, false).unwrap();
+        s.apply_diff("base", &base_tar()[..]).unwrap();
+        let base_tree = tree(&root.join("base/diff"));
+        let base_meta = s.meta("base").unwrap();
+        let tar = many_files_tar("d", 12, 300, 2 << 20);
+        let diff_id = digest::sha256_str(&tar);
+        let tarfile = tmp.path().join("layer.tar");
+        fs::write(&tarfile, &tar).unwrap();
+        apply_ok(&tmp.path().join("reference"), &tar);
+        let want = tree(&tmp.path().join("reference"));
+        fs::remove_dir_all(tmp.path().join("reference")).unwrap();
+        let apply = |id: &str| {
+            cli(
+                "layers",
+                &root,
+                &[
+                    OsStr::new("apply-diff"),
+                    OsStr::new(id),
+                    tarfile.as_os_str(),
+                ],
+            )
+        };
+        let mut t = Duration::MAX;
+        for _ in 0..2 {
+            s.create("calibrate", Some("base"), false).unwrap();
+            t = t.min(timed(apply("calibrate")));
+            assert_eq!(tree(&root.join("calibrate/diff")), want);
+            s.remove("calibrate").unwrap();
+        }
+        let mut tally = Tally::default();
+        for i in 0..KILLS {
+            let id = format!("l{i}");
+            s.create(&id, Some("base"), false).unwrap();
+            let delay = kill_delay(&mut rng, t);
+            run_and_kill(apply(&id), &root, delay, &mut tally);
+            let ctx = format!("kill {i} after {delay:?}");
+            // Reopened, as the next process would.
+            let s = LayerStore::open(&root).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+            assert!(s.exists(&id), "{ctx}: the layer went away");
+            let rep = s
+                .cleanup()
+                .unwrap_or_else(|e| panic!("{ctx}: cleanup: {e}"));
+            if !rep.scratch.is_empty() || !rep.completed.is_empty() {
+                tally.leftovers += 1;
+            }
+            assert_eq!(store_scratch(&root), Vec::<PathBuf>::new(), "{ctx}");
+            let diff = root.join(&id).join("diff");
+            if entries(&diff) == 0 {
+                tally.old_state += 1;
+                assert_eq!(s.meta(&id).unwrap().diff_id, None, "{ctx}");
+            } else {
+                tally.new_state += 1;
+                assert_eq!(tree(&diff), want, "{ctx}: half a layer");
+                assert_eq!(
+                    s.meta(&id).unwrap().diff_id.as_deref(),
+                    Some(&*diff_id),
+                    "{ctx}"
+                );
+            }
+            assert_eq!(
+                tree(&root.join("base/diff")),
+                base_tree,
+                "{ctx}: base changed"
+            );
+            assert_eq!(
+                s.meta("base").unwrap(),
+                base_meta,
+                "{ctx}: base record changed"
+            );
+            assert_eq!(s.list().unwrap(), vec!["base".to_string(), id.clone()]);
+            s.remove(&id).unwrap();
+            assert_eq!(entries(&root.join("l")), 1, "{ctx}: short links");
+        }
+        // The store works on: a fresh layer takes the tar, complete.
+        s.create("final", Some("base"), false).unwrap();
+        timed(apply("final"));
+        assert_eq!(tree(&root.join("final/diff")), want);
+        assert_eq!(s.meta("final").unwrap().diff_id, Some(diff_id));
+        assert!(s.cleanup().unwrap().scratch.is_empty());
+        report("apply-diff", t, &tally, started);
+    }
+
+    #[test]
+    fn kill_9_during_image_import() {
+        let _serial = serial();
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed());
+        let tmp = scratch_dir("stratafs-imagecrash-");
+        let images = ImageStore::new(LayerStore::open(tmp.path().join("store")).unwrap()).unwrap();
+        let root = images.layers.root().to_path_buf();
+        // Three layers: the bottom one shared with an image already there, two this import
+        // makes: a small one, then a big one (gzipped), so that many kills fall after the
+        // first new layer is in and before the image record.
+        let layers = [
+            base_tar(),
+            many_files_tar("a", 4, 100, 1 << 20),
+            many_files_tar("b", 10, 250, 4 << 20),
+        ];
+        let shared = tmp.path().join("shared.tar");
+        fs::write(
+            &shared,
+            image_archive(&layers[..1], "crash/shared:1", false, Spoil::None),
+        )
+        .unwrap();
+        let base = images.import(&shared, None, &mut Quiet).unwrap();
+        let before = images.layers.list().unwrap();
+        let shared_tree = tree(&root.join(&before[0]).join("diff"));
+        let archive = tmp.path().join("image.tar");
+        fs::write(
+            &archive,
+            image_archive(&layers, "crash/image:1", false, Spoil::None),
+        )
+        .unwrap();
+        let import = || cli("image", &root, &[OsStr::new("import"), archive.as_os_str()]);
+        let mut t = Duration::MAX;
+        let mut want = None;
+        for _ in 0..2 {
+            t = t.min(timed(import()));
+            let rec = images.find("crash/image:1").unwrap();
+            let trees: Vec<_> = rec
+                .layer_ids()
+                .iter()
+                .map(|l| tree(&root.join(l).join("diff")))
+                .collect();
+            assert_eq!(trees.len(), 3);
+            assert_eq!(trees[0], shared_tree);
+            want = Some((rec, trees));
+            images.remove("crash/image:1").unwrap();
+            assert_eq!(images.layers.list().unwrap(), before);
+        }
+        let (want_rec, want_trees) = want.unwrap();
+        let (mut orphans, mut tally) = (0, Tally::default());
+        for i in 0..KILLS {
+            let delay = kill_delay(&mut rng, t);
+            run_and_kill(import(), &root, delay, &mut tally);
+            let ctx = format!("kill {i} after {delay:?}");
+            let images = ImageStore::new(
+                LayerStore::open(&root).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
+            )
+            .unwrap();
+            let rep = images
+                .cleanup()
+                .unwrap_or_else(|e| panic!("{ctx}: cleanup: {e}"));
+            orphans += rep.orphan_layers.len();
+            if !rep.orphan_layers.is_empty()
+                || !rep.scratch.is_empty()
+                || !rep.layers.scratch.is_empty()
+                || !rep.layers.dangling_links.is_empty()
+            {
+                tally.leftovers += 1;
+            }
+            assert_eq!(store_scratch(&root), Vec::<PathBuf>::new(), "{ctx}");
+            let journals: Vec<_> = fs::read_dir(root.join(".images"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".json") && !n.ends_with(".config") && n != "containers")
+                .collect();
+            assert_eq!(journals, Vec::<String>::new(), "{ctx}: left in .images");
+            match images.find("crash/image:1") {
+                Ok(rec) => {
+                    tally.new_state += 1;
+                    assert_eq!(rec, want_rec, "{ctx}");
+                    for (l, want) in rec.layer_ids().iter().zip(&want_trees) {
+                        assert_eq!(&tree(&root.join(l).join("diff")), want, "{ctx}: layer {l}");
+                    }
+                    let mut all = rec.layer_ids();
+                    all.sort();
+                    assert_eq!(images.layers.list().unwrap(), all, "{ctx}");
+                    assert_eq!(entries(&root.join("l")), 3, "{ctx}: short links");
+                    images.remove("crash/image:1").unwrap();
+                }
+                Err(Error::ImageNotFound(_)) => {
+                    tally.old_state += 1;
+                    assert_eq!(images.list().unwrap(), vec![base.clone()], "{ctx}");
+                    assert_eq!(
+                        entries(&root.join(".images")),
+                        3,
+                        "{ctx}: records and configs"
+                    );
+                }
+                Err(e) => panic!("{ctx}: {e}"),
+            }
+            assert_eq!(
+                images.layers.list().unwrap(),
+                before,
+                "{ctx}: orphan layers"
+            );
+            assert_eq!(entries(&root.join("l")), 1, "{ctx}: short links left");
+            assert_eq!(
+                tree(&root.join(&before[0]).join("diff")),
+                shared_tree,
+                "{ctx}"
+            );
+        }
+        // A re-import after all those kills succeeds, complete.
+        timed(import());
+        let rec = images.find("crash/image:1").unwrap();
+        assert_eq!(rec, want_rec);
+        for (l, want) in rec.layer_ids().iter().zip(&want_trees) {
+            assert_eq!(&tree(&root.join(l).join("diff")), want, "layer {l}");
+        }
+        assert!(images.cleanup().unwrap().orphan_layers.is_empty());
+        eprintln!("crash image import: {orphans} orphan layers removed by cleanup");
+        report("image import", t, &tally, started);
+        assert!(orphans >= 1, "no kill fell between two layers: {tally:?}");
+    }
+}

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -313,9 +313,7 @@ impl<'a> Applier<'a> {
                 )
                 .ctx(|| format!("create {}", what()))?;
                 let mut f = File::from(fd);
-                let n = io::copy(&mut entry, &mut f).map_err(|e| {
-                    Error::Corrupt(format!("{}: {e}", String::from_utf8_lossy(&raw)))
-                })?;
+                let n = copy_data(&mut entry, &mut f, &raw)?;
                 self.stats.size += n;
                 self.finish(dirfd, lname, &meta, false, &raw)?;
                 self.seen.insert(key, Seen::Object);
@@ -625,6 +623,30 @@ impl<'a> Applier<'a> {
             sys::utimens_fd(fd.as_fd(), *atime, *mtime).ctx(|| "set directory times".into())?;
         }
         Ok(())
+    }
+}
+
+/// Copies an entry's data into its file. A read error is the archive's fault
+/// ([`Error::Corrupt`]); a write error (ENOSPC, EDQUOT, EIO) is the disk's and keeps its errno
+/// ([`Error::Io`]), so a full disk is not reported as a corrupt archive.
+fn copy_data(entry: &mut impl Read, f: &mut File, raw: &[u8]) -> Result<u64> {
+    let mut buf = [0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = match entry.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::Corrupt(format!(
+                    "{}: {e}",
+                    String::from_utf8_lossy(raw)
+                )));
+            }
+        };
+        f.write_all(&buf[..k])
+            .ctx(|| format!("write {}", String::from_utf8_lossy(raw)))?;
+        n += k as u64;
     }
 }
 

@@ -168,7 +168,23 @@ fn layers(cli: LayersCli) -> Result<()> {
             writeln!(out)?;
         }
         LayersCmd::Cleanup => {
-            let r = store.cleanup()?;
+            // With images, their crashed imports and commits first (their layers are the
+            // store's orphans then).
+            let r = if store.root().join(".images").is_dir() {
+                let r = ImageStore::new(store)?.cleanup()?;
+                for id in &r.orphan_layers {
+                    writeln!(out, "removed layer {id} of an interrupted import")?;
+                }
+                for p in &r.scratch {
+                    writeln!(out, "removed {}", p.display())?;
+                }
+                r.layers
+            } else {
+                store.cleanup()?
+            };
+            for id in &r.completed {
+                writeln!(out, "completed the record of {id}")?;
+            }
             for p in r.scratch.iter().chain(&r.dangling_links) {
                 writeln!(out, "removed {}", p.display())?;
             }

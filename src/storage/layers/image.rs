@@ -6,10 +6,17 @@
 //! share its layers. Records live in `<root>/.images/`: `<config-hex>.json` (the
 //! [`ImageRecord`]), `<config-hex>.config` (the config blob as imported) and
 //! `containers/<layer-id>.json` for mounted container layers.
+//!
+//! Imports and commits are all or nothing, also across a crash: each keeps a journal,
+//! `import-<rand>.journal`, flock'ed while its process lives, naming every layer before the
+//! layer is created; the image record is written last and the journal removed after it.
+//! [`ImageStore::cleanup`] removes the layers a dead process's journal names that no image
+//! record (or container) uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +24,7 @@ use serde_json::Value;
 
 use super::digest::{self, HashingReader, HashingWriter};
 use super::error::{Error, IoContext, Result};
-use super::store::LayerStore;
+use super::store::{CleanupReport, LayerStore};
 
 /// What an image is, as recorded.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,6 +65,68 @@ pub struct Quiet;
 
 impl Progress for Quiet {
     fn layer(&mut self, _: usize, _: usize, _: &str) {}
+}
+
+/// What [`ImageStore::cleanup`] removed.
+#[derive(Clone, Debug, Default)]
+pub struct ImageCleanup {
+    /// Layers an interrupted import or commit had created, used by no image.
+    pub orphan_layers: Vec<String>,
+    /// Journals of dead imports and commits, half-written records and configs.
+    pub scratch: Vec<PathBuf>,
+    /// What the layer store's own cleanup did.
+    pub layers: CleanupReport,
+}
+
+const JOURNAL_PREFIX: &str = "import-";
+const JOURNAL_SUFFIX: &str = ".journal";
+/// A journal before it is locked (renamed to `.journal` once it is).
+const JOURNAL_NEW_SUFFIX: &str = ".new";
+
+fn random_hex() -> Result<String> {
+    let mut rnd = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut rnd))
+        .ctx(|| "read /dev/urandom".into())?;
+    Ok(hex::encode(rnd))
+}
+
+/// The layers an import or commit is creating, one id a line, each written (and synced)
+/// before its layer is created. Locked while its process lives; removed when it is done.
+struct Journal {
+    file: File,
+    path: PathBuf,
+}
+
+impl Journal {
+    fn begin(dir: &Path) -> Result<Journal> {
+        let name = format!("{JOURNAL_PREFIX}{}", random_hex()?);
+        // Locked under a name cleanup does not treat as a journal yet, so it never sees it
+        // unlocked while its process lives.
+        let new = dir.join(format!("{name}{JOURNAL_NEW_SUFFIX}"));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&new)
+            .ctx(|| format!("create {}", new.display()))?;
+        file.lock().ctx(|| format!("lock {}", new.display()))?;
+        let path = dir.join(format!("{name}{JOURNAL_SUFFIX}"));
+        fs::rename(&new, &path).ctx(|| format!("rename {}", new.display()))?;
+        Ok(Journal { file, path })
+    }
+
+    fn add(&mut self, layer: &str) -> Result<()> {
+        writeln!(self.file, "{layer}")
+            .and_then(|()| self.file.sync_data())
+            .ctx(|| format!("write {}", self.path.display()))
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 pub struct ImageStore {
@@ -441,10 +510,20 @@ impl ImageStore {
         // records are written only once every image's layers are in.
         let mut created: Vec<String> = Vec::new();
         let mut new_records: Vec<String> = Vec::new();
+        // Across a crash too: the journal names each layer before it is made, and goes once
+        // the records are written (`cleanup` removes what a dead import's journal names).
+        let mut journal = Journal::begin(&self.dir)?;
         let res = (|| -> Result<ImageRecord> {
             let mut staged = Vec::new();
             for plan in plans {
-                staged.push(self.import_one(src.as_mut(), plan, name, progress, &mut created)?);
+                staged.push(self.import_one(
+                    src.as_mut(),
+                    plan,
+                    name,
+                    progress,
+                    &mut journal,
+                    &mut created,
+                )?);
             }
             let mut first = None;
             for (rec, config) in staged {
@@ -467,6 +546,7 @@ impl ImageStore {
                 let _ = self.layers.remove(lid);
             }
         }
+        drop(journal);
         res
     }
 
@@ -478,6 +558,7 @@ impl ImageStore {
         plan: Plan,
         name: Option<&str>,
         progress: &mut dyn Progress,
+        journal: &mut Journal,
         created: &mut Vec<String>,
     ) -> Result<(ImageRecord, Vec<u8>)> {
         let config = src.read_small(&plan.config)?;
@@ -518,6 +599,7 @@ impl ImageStore {
                 progress.layer(i, total, &format!("{} (already present)", &lid[..12]));
             } else {
                 progress.layer(i, total, &format!("{} applying", &lid[..12]));
+                journal.add(&lid)?;
                 let raw = src.open(path)?;
                 let mut hr = HashingReader::new(raw);
                 match self.layers.create_from_tar(
@@ -794,6 +876,7 @@ impl ImageStore {
             .root()
             .join(".tmp")
             .join(format!("commit-{}.tar", c.layer));
+        let mut journal = Journal::begin(&self.dir)?;
         let res = (|| -> Result<ImageRecord> {
             let f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
             let (w, stats) = self
@@ -811,6 +894,7 @@ impl ImageStore {
             if !self.layers.exists(&lid) {
                 let parent = base.layer_ids().last().cloned();
                 let f = File::open(&tmp).ctx(|| format!("open {}", tmp.display()))?;
+                journal.add(&lid)?;
                 self.layers.create_from_tar(
                     &lid,
                     parent.as_deref(),
@@ -837,7 +921,86 @@ impl ImageStore {
             Ok(rec)
         })();
         let _ = fs::remove_file(&tmp);
+        drop(journal);
         res
+    }
+
+    /// Completes what crashed imports and commits left: the layers a dead process's journal
+    /// names that no image record or container uses are removed (children first), with the
+    /// journal; record and config files half written are removed when no import is running;
+    /// then the layer store's own [`cleanup`](LayerStore::cleanup).
+    pub fn cleanup(&self) -> Result<ImageCleanup> {
+        let mut rep = ImageCleanup::default();
+        let mut live: HashSet<String> = HashSet::new();
+        let mut any_live = false;
+        let mut dead: Vec<(PathBuf, String)> = Vec::new();
+        for e in fs::read_dir(&self.dir).ctx(|| "read image records".into())? {
+            let e = e.ctx(|| "read image records".into())?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with(JOURNAL_PREFIX)
+                || !(n.ends_with(JOURNAL_SUFFIX) || n.ends_with(JOURNAL_NEW_SUFFIX))
+            {
+                continue;
+            }
+            let p = e.path();
+            let mut f = match File::open(&p) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // just finished
+                Err(e) => return Err(Error::io(format!("open {}", p.display()), e)),
+            };
+            let locked = match f.try_lock() {
+                Ok(()) => true,
+                Err(fs::TryLockError::WouldBlock) => false,
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(format!("lock {}", p.display()), e));
+                }
+            };
+            let mut text = String::new();
+            f.read_to_string(&mut text)
+                .ctx(|| format!("read {}", p.display()))?;
+            if locked {
+                dead.push((p, text));
+            } else {
+                any_live = true;
+                live.extend(text.lines().map(str::to_owned));
+            }
+        }
+        let mut used: HashSet<String> = self.list()?.iter().flat_map(|r| r.layer_ids()).collect();
+        used.extend(self.containers()?.into_iter().map(|c| c.layer));
+        for (p, text) in dead {
+            for lid in text.lines().rev() {
+                if lid.is_empty() || used.contains(lid) || live.contains(lid) {
+                    continue;
+                }
+                if !self.layers.exists(lid) {
+                    continue;
+                }
+                match self.layers.remove(lid) {
+                    Ok(()) => rep.orphan_layers.push(lid.to_owned()),
+                    // Something else builds on it or has it mounted: no orphan then.
+                    Err(Error::NotFound(_) | Error::InUse { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            fs::remove_file(&p).ctx(|| format!("remove {}", p.display()))?;
+            rep.scratch.push(p);
+        }
+        if !any_live {
+            // `write` renames `<hex>.tmp-PID` to `<hex>.json`/`.config`; `save` writes the
+            // config before the record.
+            for e in fs::read_dir(&self.dir).ctx(|| "read image records".into())? {
+                let p = e.ctx(|| "read image records".into())?.path();
+                let n = p.file_name().unwrap_or_default().to_string_lossy();
+                let half = n.contains(".tmp-")
+                    || (n.ends_with(".config") && !p.with_extension("json").exists());
+                if half && p.is_file() {
+                    fs::remove_file(&p).ctx(|| format!("remove {}", p.display()))?;
+                    rep.scratch.push(p);
+                }
+            }
+        }
+        rep.layers = self.layers.cleanup()?;
+        Ok(rep)
     }
 }
 

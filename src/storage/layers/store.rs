@@ -100,6 +100,9 @@ pub struct CleanupReport {
     pub dangling_links: Vec<PathBuf>,
     pub relinked: Vec<String>,
     pub stale_mounts: Vec<String>,
+    /// Layers whose `apply-diff` had put the content in place when it was interrupted: their
+    /// record (the DiffID) was completed from the pending one.
+    pub completed: Vec<String>,
 }
 
 /// The store. Cheap to build; every call takes the store's lock for its duration.
@@ -120,6 +123,11 @@ pub fn default_stratafs_bin() -> PathBuf {
         _ => PathBuf::from("stratafs"),
     }
 }
+
+/// `<id>/.diff-R`: the content an `apply-diff` builds; `<id>/.stratafs.json.pending-R`: the
+/// record that goes with it.
+const SCRATCH_DIFF: &str = ".diff-";
+const PENDING_META: &str = ".stratafs.json.pending-";
 
 /// Held while the store changes.
 struct Lock(File);
@@ -528,20 +536,30 @@ impl LayerStore {
         {
             return Err(Error::NotEmpty(id.into()));
         }
-        let tmp = dir.join(format!(".diff-{}", random_suffix()));
+        // Built in `.diff-R`; the record with the DiffID is written first as
+        // `.stratafs.json.pending-R`, then the content appears in one rename and the record
+        // follows. A crash between the two renames is completed by `cleanup` (`.diff-R` gone:
+        // the content is in place), any earlier one rolled back (both removed).
+        let suffix = random_suffix();
+        let tmp = dir.join(format!("{SCRATCH_DIFF}{suffix}"));
+        let pending = dir.join(format!("{PENDING_META}{suffix}"));
         mkdir(&tmp, 0o755)?;
         let res = apply::apply_layer(&tmp, input, &self.apply).and_then(|stats| {
+            meta.diff_id = Some(stats.diff_id.clone());
+            let json = serde_json::to_vec_pretty(&meta).expect("layer metadata serializes");
+            write_atomic(&pending, &json, 0o600)?;
             fs::rename(&tmp, &diff).ctx(|| format!("rename onto {}", diff.display()))?;
             Ok(stats)
         });
         match res {
             Ok(stats) => {
-                meta.diff_id = Some(stats.diff_id.clone());
-                self.write_meta(&dir, &meta)?;
+                fs::rename(&pending, dir.join("stratafs.json"))
+                    .ctx(|| format!("rename {} into place", pending.display()))?;
                 Ok(stats)
             }
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
+                let _ = fs::remove_file(&pending);
                 Err(e)
             }
         }
@@ -878,12 +896,46 @@ impl LayerStore {
                     .ctx(|| format!("symlink {}", link.display()))?;
                 rep.relinked.push(id.clone());
             }
+            let mut names: Vec<Vec<u8>> = Vec::new();
             for e in fs::read_dir(&dir).ctx(|| format!("read {}", dir.display()))? {
-                let p = e.ctx(|| "read layer".into())?.path();
-                if p.file_name()
-                    .is_some_and(|n| n.as_bytes().starts_with(b".diff-"))
-                {
+                names.push(
+                    e.ctx(|| "read layer".into())?
+                        .file_name()
+                        .as_bytes()
+                        .to_vec(),
+                );
+            }
+            // Pending records first: whether `.diff-R` is still there decides their fate.
+            names.sort_by_key(|n| !n.starts_with(PENDING_META.as_bytes()));
+            for n in names {
+                let p = dir.join(OsStr::from_bytes(&n));
+                if let Some(suffix) = n.strip_prefix(PENDING_META.as_bytes()) {
+                    let scratch = dir.join(OsStr::from_bytes(
+                        &[SCRATCH_DIFF.as_bytes(), suffix].concat(),
+                    ));
+                    if fs::symlink_metadata(&scratch).is_err() {
+                        // The content was renamed in: take the DiffID, keep the rest (mount
+                        // counts may have changed since).
+                        let done: LayerMeta = serde_json::from_slice(
+                            &fs::read(&p).ctx(|| format!("read {}", p.display()))?,
+                        )
+                        .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+                        let mut meta = self.read_meta(&id)?;
+                        meta.diff_id = done.diff_id;
+                        self.write_meta(&dir, &meta)?;
+                        rep.completed.push(id.clone());
+                    }
+                    fs::remove_file(&p).ctx(|| format!("remove {}", p.display()))?;
+                    rep.scratch.push(p);
+                } else if n.starts_with(SCRATCH_DIFF.as_bytes()) {
                     fs::remove_dir_all(&p).ctx(|| format!("remove {}", p.display()))?;
+                    rep.scratch.push(p);
+                } else if n.starts_with(b".")
+                    && n.windows(5).any(|w| w == b".tmp-")
+                    && !fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
+                {
+                    // A metadata file `write_atomic` did not get to rename.
+                    fs::remove_file(&p).ctx(|| format!("remove {}", p.display()))?;
                     rep.scratch.push(p);
                 }
             }
