@@ -118,7 +118,11 @@ impl NodeState {
             return;
         }
         self.aliases.retain(|(p, n)| !same(p, n));
-        if let Some(old) = self.parent.take() {
+        // A removed last name stays primary only to say where the object was: it is no alias
+        // (a copy-up through it would link into a whiteout).
+        if let Some(old) = self.parent.take()
+            && !self.unlinked
+        {
             self.aliases.push((old, std::mem::take(&mut self.name)));
             if self.aliases.len() > 16 {
                 self.aliases.remove(0);
