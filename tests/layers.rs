@@ -1996,18 +1996,31 @@ fn cleanup_completes_or_drops_an_interrupted_apply_record() {
     );
 }
 
+#[path = "common/crash.rs"]
+mod crash_kit;
+
 /// `kill -9` of `stratafs layers apply-diff` and `stratafs image import` at seeded points (the
 /// approach of `tests/snapshots.rs`' `crash::*`): after each kill the store reopens, the
 /// operation shows the old state or the new one, and `cleanup` leaves no scratch or orphan.
 mod crash {
     use super::*;
+    use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-    use std::process::{Child, Stdio};
-    use std::time::{Duration, Instant, SystemTime};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    use super::crash_kit as kit;
+    use kit::{Expect, Tally, kill_delay, report, run_and_kill, scratch_dir, seed, timed};
 
     /// Kill points per operation.
     const KILLS: usize = 10;
+    /// Default seed (STRATAFS_SEED overrides).
+    const SEED: u64 = 20261201;
+    const EXPECT: Expect = Expect {
+        kills: KILLS,
+        leftovers: true,
+        bound: Duration::from_secs(30),
+    };
 
     /// Held by each crash test: they calibrate and kill on the same cores, so one at a time
     /// (across nextest's processes too).
@@ -2015,44 +2028,6 @@ mod crash {
         let f = File::create(std::env::temp_dir().join("stratafs-layers-crash.lock")).unwrap();
         f.lock().unwrap();
         f
-    }
-
-    fn seed() -> u64 {
-        let s = std::env::var("STRATAFS_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("seed {s} (replay with STRATAFS_SEED={s})");
-        s
-    }
-
-    /// A CLI child, killed and reaped on drop.
-    struct ChildGuard(Option<Child>);
-
-    impl Drop for ChildGuard {
-        fn drop(&mut self) {
-            if let Some(mut c) = self.0.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-
-    /// A scratch dir on tmpfs where there is one (thousands of files per kill stay cheap).
-    fn scratch_dir(prefix: &str) -> tempfile::TempDir {
-        let mut b = tempfile::Builder::new();
-        b.prefix(prefix);
-        if Path::new("/dev/shm").is_dir() {
-            b.tempdir_in("/dev/shm")
-        } else {
-            b.tempdir()
-        }
-        .unwrap()
     }
 
     fn cli(kind: &str, root: &Path, args: &[&OsStr]) -> Command {
@@ -2065,96 +2040,6 @@ mod crash {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         c
-    }
-
-    #[derive(Default, Debug)]
-    struct Tally {
-        /// Killed while holding an fd under the store root (the lock, a layer being built).
-        in_flight: usize,
-        /// Left a half-done state that cleanup collected.
-        leftovers: usize,
-        /// Killed before it had opened anything of the store.
-        before: usize,
-        /// Exited (successfully) before the kill.
-        finished: usize,
-        old_state: usize,
-        new_state: usize,
-    }
-
-    fn run_and_kill(mut cmd: Command, root: &Path, delay: Duration, tally: &mut Tally) {
-        let mut guard = ChildGuard(Some(cmd.spawn().unwrap()));
-        let child = guard.0.as_mut().unwrap();
-        std::thread::sleep(delay);
-        let pid = child.id();
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "{cmd:?} failed uninterrupted: {st}");
-            tally.finished += 1;
-            return;
-        }
-        let holds = fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| {
-                d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-                    .any(|t| t.starts_with(root))
-            })
-            .unwrap_or(false);
-        child.kill().unwrap();
-        let st = child.wait().unwrap();
-        guard.0 = None;
-        use std::os::unix::process::ExitStatusExt;
-        if st.signal() == Some(9) {
-            if holds {
-                tally.in_flight += 1;
-            } else {
-                tally.before += 1;
-            }
-        } else {
-            assert!(st.success(), "{cmd:?} failed: {st}");
-            tally.finished += 1;
-        }
-    }
-
-    fn timed(mut cmd: Command) -> Duration {
-        let t = Instant::now();
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t.elapsed()
-    }
-
-    /// Uniform between T/20 and 1.1 T (T: the shorter of two uninterrupted runs), so that
-    /// a few kills come at the very end or after the exit.
-    fn kill_delay(rng: &mut StdRng, t: Duration) -> Duration {
-        let t = t.as_secs_f64();
-        Duration::from_secs_f64(rng.random_range(t / 20.0..t * 1.1))
-    }
-
-    fn report(op: &str, t: Duration, tally: &Tally, started: Instant) {
-        eprintln!(
-            "crash {op}: {KILLS} kill points over {t:?} runs: {} in flight ({} left half-done \
-             state), {} before open, {} after exit; {} old state, {} new state; {:?}",
-            tally.in_flight,
-            tally.leftovers,
-            tally.before,
-            tally.finished,
-            tally.old_state,
-            tally.new_state,
-            started.elapsed()
-        );
-        assert!(
-            tally.in_flight >= 2,
-            "{op}: too few kills landed during the operation: {tally:?}"
-        );
-        assert!(
-            tally.leftovers >= 1,
-            "{op}: no kill left a half-done state: {tally:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{op}: bounded time"
-        );
     }
 
     /// A layer of `dirs` x `files` small files and a file of `big` bytes: an apply that takes
@@ -2183,7 +2068,7 @@ mod crash {
     fn kill_9_during_apply_diff() {
         let _serial = serial();
         let started = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed());
+        let mut rng = StdRng::seed_from_u64(seed(SEED));
         let tmp = scratch_dir("stratafs-layercrash-");
         let s = LayerStore::open(tmp.path().join("store")).unwrap();
         let root = s.root().to_path_buf();
@@ -2221,7 +2106,7 @@ mod crash {
         for i in 0..KILLS {
             let id = format!("l{i}");
             s.create(&id, Some("base"), false).unwrap();
-            let delay = kill_delay(&mut rng, t);
+            let delay = kill_delay(&mut rng, t, 1.1);
             run_and_kill(apply(&id), &root, delay, &mut tally);
             let ctx = format!("kill {i} after {delay:?}");
             // Reopened, as the next process would.
@@ -2267,14 +2152,14 @@ mod crash {
         assert_eq!(tree(&root.join("final/diff")), want);
         assert_eq!(s.meta("final").unwrap().diff_id, Some(diff_id));
         assert!(s.cleanup().unwrap().scratch.is_empty());
-        report("apply-diff", t, &tally, started);
+        report("apply-diff", t, &tally, started, &EXPECT);
     }
 
     #[test]
     fn kill_9_during_image_import() {
         let _serial = serial();
         let started = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed());
+        let mut rng = StdRng::seed_from_u64(seed(SEED + 1));
         let tmp = scratch_dir("stratafs-imagecrash-");
         let images = ImageStore::new(LayerStore::open(tmp.path().join("store")).unwrap()).unwrap();
         let root = images.layers.root().to_path_buf();
@@ -2321,7 +2206,7 @@ mod crash {
         let (want_rec, want_trees) = want.unwrap();
         let (mut orphans, mut tally) = (0, Tally::default());
         for i in 0..KILLS {
-            let delay = kill_delay(&mut rng, t);
+            let delay = kill_delay(&mut rng, t, 1.1);
             run_and_kill(import(), &root, delay, &mut tally);
             let ctx = format!("kill {i} after {delay:?}");
             let images = ImageStore::new(
@@ -2391,7 +2276,7 @@ mod crash {
         }
         assert!(images.cleanup().unwrap().orphan_layers.is_empty());
         eprintln!("crash image import: {orphans} orphan layers removed by cleanup");
-        report("image import", t, &tally, started);
+        report("image import", t, &tally, started, &EXPECT);
         assert!(orphans >= 1, "no kill fell between two layers: {tally:?}");
     }
 }

@@ -1741,19 +1741,32 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     }
 }
 
+#[path = "common/crash.rs"]
+mod crash_kit;
+
 // ---------------------------------------------------------------------------------------------
 // Crash consistency: `kill -9` of the CLI during prepare, commit and rm
 
 mod crash {
     use super::*;
+    use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
     use std::collections::BTreeSet;
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::time::Instant;
+
+    use super::crash_kit as kit;
+    use kit::{Expect, Tally, kill_delay, scratch_dir, seed};
 
     /// Kill points per operation.
     const KILLS: usize = 10;
+    /// Default seed (STRATAFS_SEED overrides).
+    const SEED: u64 = 20261201;
+    const EXPECT: Expect = Expect {
+        kills: KILLS,
+        leftovers: false,
+        bound: Duration::from_secs(60),
+    };
     /// Files in the snapshot each operation works on (in `DIRS` directories): enough that
     /// measuring (commit) and deleting (rm) take a while, few enough that making them stays
     /// cheap. A native prepare copies, slower: fewer files.
@@ -1762,32 +1775,6 @@ mod crash {
     const DIRS: usize = 20;
     const CNS: &str = "crash";
 
-    fn seed() -> u64 {
-        let s = std::env::var("STRATAFS_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("seed {s} (replay with STRATAFS_SEED={s})");
-        s
-    }
-
-    /// A CLI child, killed and reaped on drop.
-    struct ChildGuard(Option<Child>);
-
-    impl Drop for ChildGuard {
-        fn drop(&mut self) {
-            if let Some(mut c) = self.0.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-
     struct Root {
         root: PathBuf,
         _tmp: tempfile::TempDir,
@@ -1795,15 +1782,7 @@ mod crash {
 
     impl Root {
         fn new() -> Root {
-            // On tmpfs where there is one: making thousands of files per kill point stays cheap.
-            let mut b = tempfile::Builder::new();
-            b.prefix("stratafs-snapcrash-");
-            let tmp = if Path::new("/dev/shm").is_dir() {
-                b.tempdir_in("/dev/shm")
-            } else {
-                b.tempdir()
-            }
-            .unwrap();
+            let tmp = scratch_dir("stratafs-snapcrash-");
             Root {
                 root: tmp.path().join("root"),
                 _tmp: tmp,
@@ -1918,99 +1897,10 @@ mod crash {
         populate(&sn.layer_dir(CNS, key).unwrap(), files);
     }
 
-    #[derive(Default, Debug)]
-    struct Tally {
-        /// The process had the database or a snapshot directory open when it was killed.
-        in_flight: usize,
-        /// A half-done state was left on disk (and collected by cleanup).
-        leftovers: usize,
-        /// Killed before it had opened anything of the store.
-        before: usize,
-        /// Exited (successfully) before the kill.
-        finished: usize,
-        old_state: usize,
-        new_state: usize,
-    }
-
-    /// Runs `args`, kills it after `delay` unless it has exited. Returns whether it was killed
-    /// while holding an fd under the root.
-    fn run_and_kill(r: &Root, args: &[&str], delay: Duration, tally: &mut Tally) {
-        let mut guard = ChildGuard(Some(r.cli(args).spawn().unwrap()));
-        let child = guard.0.as_mut().unwrap();
-        std::thread::sleep(delay);
-        let pid = child.id();
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "{args:?} failed uninterrupted: {st}");
-            tally.finished += 1;
-            return;
-        }
-        let holds = fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| {
-                d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-                    .any(|t| t.starts_with(&r.root))
-            })
-            .unwrap_or(false);
-        child.kill().unwrap();
-        let st = child.wait().unwrap();
-        guard.0 = None;
-        use std::os::unix::process::ExitStatusExt;
-        if st.signal() == Some(9) {
-            if holds {
-                tally.in_flight += 1;
-            } else {
-                tally.before += 1;
-            }
-        } else {
-            assert!(st.success(), "{args:?} failed: {st}");
-            tally.finished += 1;
-        }
-    }
-
-    /// Times one uninterrupted run of `args` (which must succeed).
-    fn timed(r: &Root, args: &[&str]) -> Duration {
-        let t = Instant::now();
-        let out = r.cli(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t.elapsed()
-    }
-
-    /// Uniform between T/20 and T (T: the shorter of two uninterrupted runs; a run may still
-    /// end before its kill).
-    fn kill_delay(rng: &mut StdRng, t: Duration) -> Duration {
-        let t = t.as_secs_f64();
-        Duration::from_secs_f64(rng.random_range(t / 20.0..t))
-    }
-
-    fn report(op: &str, t: Duration, tally: &Tally, started: Instant) {
-        eprintln!(
-            "crash {op}: {KILLS} kill points over {t:?} runs: {} in flight ({} left half-done \
-             state), {} before open, {} after exit; {} old state, {} new state; {:?}",
-            tally.in_flight,
-            tally.leftovers,
-            tally.before,
-            tally.finished,
-            tally.old_state,
-            tally.new_state,
-            started.elapsed()
-        );
-        assert!(
-            tally.in_flight >= 2,
-            "{op}: too few kills landed during the operation: {tally:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{op}: bounded time"
-        );
-    }
-
     #[test]
     fn kill_9_during_prepare_of_a_full_copy() {
         let started = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed());
+        let mut rng = StdRng::seed_from_u64(seed(SEED));
         let r = Root::new();
         let sn = r.open();
         active_with_files(&sn, "base-active", COPY_FILES);
@@ -2021,7 +1911,7 @@ mod crash {
         // The shorter of two uninterrupted runs (the first may find cold caches).
         let mut t = Duration::MAX;
         for _ in 0..2 {
-            t = t.min(timed(&r, &["prepare", "calibrate", "base"]));
+            t = t.min(kit::timed(r.cli(&["prepare", "calibrate", "base"])));
             let sn = r.open();
             check_populated(&sn.layer_dir(CNS, "calibrate").unwrap(), COPY_FILES).unwrap();
             sn.remove(CNS, "calibrate").unwrap();
@@ -2029,8 +1919,13 @@ mod crash {
         let mut tally = Tally::default();
         for i in 0..KILLS {
             let key = format!("child-{i}");
-            let delay = kill_delay(&mut rng, t);
-            run_and_kill(&r, &["prepare", &key, "base"], delay, &mut tally);
+            let delay = kill_delay(&mut rng, t, 1.0);
+            kit::run_and_kill(
+                r.cli(&["prepare", &key, "base"]),
+                &r.root,
+                delay,
+                &mut tally,
+            );
             let sn = r.open();
             let dirs = r.dir_names();
             match sn.stat(CNS, &key) {
@@ -2062,13 +1957,13 @@ mod crash {
             .unwrap();
         check_populated(&sn.layer_dir(CNS, "final").unwrap(), COPY_FILES).unwrap();
         assert_eq!(check_agreement(&r, &sn).unwrap(), Vec::<String>::new());
-        report("prepare", t, &tally, started);
+        kit::report("prepare", t, &tally, started, &EXPECT);
     }
 
     #[test]
     fn kill_9_during_commit() {
         let started = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed());
+        let mut rng = StdRng::seed_from_u64(seed(SEED + 1));
         let r = Root::new();
         // Commit measures the layer's usage (a walk of every file), then commits. The shorter
         // of two uninterrupted runs (the first may find cold caches).
@@ -2081,7 +1976,11 @@ mod crash {
             )
             .unwrap();
             drop(sn);
-            t = t.min(timed(&r, &["commit", "calibrate", "calibrate-active"]));
+            t = t.min(kit::timed(r.cli(&[
+                "commit",
+                "calibrate",
+                "calibrate-active",
+            ])));
             sn = r.open();
             assert_eq!(sn.usage(CNS, "calibrate").unwrap(), expected);
             sn.remove(CNS, "calibrate").unwrap();
@@ -2098,8 +1997,8 @@ mod crash {
             let usage = stratafs::storage::snapshots::disk_usage(&sn.layer_dir(CNS, &key).unwrap())
                 .unwrap();
             drop(sn);
-            let delay = kill_delay(&mut rng, t);
-            run_and_kill(&r, &["commit", &name, &key], delay, &mut tally);
+            let delay = kill_delay(&mut rng, t, 1.0);
+            kit::run_and_kill(r.cli(&["commit", &name, &key]), &r.root, delay, &mut tally);
             sn = r.open();
             let active = sn.stat(CNS, &key);
             let committed = sn.stat(CNS, &name);
@@ -2151,13 +2050,13 @@ mod crash {
             sn.commit(CNS, "final", &key, BTreeMap::new()).unwrap();
             check_populated(&sn.layer_dir(CNS, "final").unwrap(), FILES).unwrap();
         }
-        report("commit", t, &tally, started);
+        kit::report("commit", t, &tally, started, &EXPECT);
     }
 
     #[test]
     fn kill_9_during_rm() {
         let started = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed());
+        let mut rng = StdRng::seed_from_u64(seed(SEED + 2));
         let r = Root::new();
         let sn = r.open();
         // A committed parent with a child: removing the child never touches the parent.
@@ -2179,7 +2078,7 @@ mod crash {
                 .unwrap();
             populate(&sn.layer_dir(CNS, "calibrate").unwrap(), FILES);
             drop(sn);
-            t = t.min(timed(&r, &["rm", "calibrate"]));
+            t = t.min(kit::timed(r.cli(&["rm", "calibrate"])));
         }
         let mut tally = Tally::default();
         let mut key = String::new();
@@ -2192,8 +2091,8 @@ mod crash {
                     .unwrap();
                 populate(&sn.layer_dir(CNS, &key).unwrap(), FILES);
             }
-            let delay = kill_delay(&mut rng, t);
-            run_and_kill(&r, &["rm", &key], delay, &mut tally);
+            let delay = kill_delay(&mut rng, t, 1.0);
+            kit::run_and_kill(r.cli(&["rm", &key]), &r.root, delay, &mut tally);
             let sn = r.open();
             match sn.stat(CNS, &key) {
                 Ok(_) => {
@@ -2233,7 +2132,7 @@ mod crash {
         sn.remove(CNS, "parent").unwrap();
         assert_eq!(check_agreement(&r, &sn).unwrap(), Vec::<String>::new());
         assert!(r.dir_names().is_empty());
-        report("rm", t, &tally, started);
+        kit::report("rm", t, &tally, started, &EXPECT);
         assert!(tally.leftovers >= 1, "no kill landed mid-delete: {tally:?}");
     }
 }
