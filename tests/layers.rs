@@ -1587,6 +1587,23 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
 }
 
+/// `stratafs image --root ROOT ARGS...`, which must succeed; its stdout.
+fn image_cli(root: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("image")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The command line, end to end.
 #[test]
 fn cli_layers_and_image() {
@@ -1653,21 +1670,7 @@ fn cli_layers_and_image() {
     // image commands
     let (old, _, _) = fixture_layers();
     fs::write(t.path().join("old.tar"), old).unwrap();
-    let img = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("image")
-            .arg("--root")
-            .arg(&root)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let img = |args: &[&str]| image_cli(&root, args);
     img(&["import", &t.path().join("old.tar").display().to_string()]);
     assert!(img(&["ls"]).contains("fixture/old:1"));
     assert!(img(&["inspect", "fixture/old:1"]).contains("diff_ids"));
@@ -1711,21 +1714,7 @@ fn cli_layers_and_image() {
 
     // image mount, commit, umount, export; the export imported elsewhere and mounted with
     // the kernel backend.
-    let img_in = |r: &Path, args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("image")
-            .arg("--root")
-            .arg(r)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+
     img(&["import", &t.path().join("old.tar").display().to_string()]);
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -1747,8 +1736,8 @@ fn cli_layers_and_image() {
     let exported = t.path().join("cli.tar");
     img(&["export", "fixture/cli:1", &exported.display().to_string()]);
     let root2 = t.path().join("root2");
-    img_in(&root2, &["import", &exported.display().to_string()]);
-    img_in(
+    image_cli(&root2, &["import", &exported.display().to_string()]);
+    image_cli(
         &root2,
         &[
             "--backend",
@@ -1769,7 +1758,7 @@ fn cli_layers_and_image() {
         assert!(!mnt.join("etc/gone").exists());
         assert!(fs::write(mnt.join("x"), b"x").is_err(), "--readonly");
     });
-    img_in(&root2, &["umount", &m]);
+    image_cli(&root2, &["umount", &m]);
     res.unwrap();
     assert!(!stratafs::storage::layers::store::is_mountpoint(&mnt));
 }
