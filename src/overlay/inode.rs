@@ -6,7 +6,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
@@ -35,6 +35,10 @@ pub struct Node {
     pub io: Mutex<NodeIo>,
     /// Open files (FUSE handles) of this node.
     pub opens: AtomicU64,
+    /// The fds this node held when made (one per layer object), as counted in the table's
+    /// budget; fixed, so the table's sum never drifts. A later copy-up adds one the budget's
+    /// reserve covers.
+    weight: usize,
 }
 
 /// I/O mode bookkeeping of a node's open files. The kernel allows either page-cached opens or
@@ -178,7 +182,9 @@ impl NodeState {
 
 impl Node {
     pub fn new(st_ino: u64, is_dir: bool, state: NodeState) -> Node {
+        let weight = state.layer_count().max(1);
         Node {
+            weight,
             st_ino,
             is_dir,
             lookups: AtomicU64::new(0),
@@ -197,6 +203,8 @@ impl Node {
 #[derive(Debug)]
 pub struct InodeTable {
     by_id: DashMap<u64, Arc<Node>>,
+    /// Sum of the nodes' weights: about the fds the table holds (what the reaper bounds).
+    fds: AtomicUsize,
     /// Where forgotten nodes were last seen, so a file handle (`open_by_handle_at`, NFS
     /// export) that outlived the kernel's inode can find its object again. Bounded.
     past: Mutex<PastNames>,
@@ -216,10 +224,12 @@ impl InodeTable {
     pub fn new(root: NodeState) -> InodeTable {
         let table = InodeTable {
             by_id: DashMap::new(),
+            fds: AtomicUsize::new(0),
             past: Mutex::new(PastNames::default()),
         };
         let node = Arc::new(Node::new(ROOT_ID, true, root));
         node.lookups.store(1, Ordering::Relaxed);
+        table.fds.fetch_add(node.weight, Ordering::Relaxed);
         table.by_id.insert(ROOT_ID, node);
         table
     }
@@ -245,12 +255,15 @@ impl InodeTable {
                 // The number now names an object of another type: the old node is stale.
                 let node = Arc::new(Node::new(st_ino, is_dir, make()));
                 node.lookups.store(1, Ordering::Relaxed);
-                e.insert(node.clone());
+                self.fds.fetch_add(node.weight, Ordering::Relaxed);
+                let old = e.insert(node.clone());
+                self.fds.fetch_sub(old.weight, Ordering::Relaxed);
                 (node, false)
             }
             Entry::Vacant(e) => {
                 let node = Arc::new(Node::new(st_ino, is_dir, make()));
                 node.lookups.store(1, Ordering::Relaxed);
+                self.fds.fetch_add(node.weight, Ordering::Relaxed);
                 e.insert(node.clone());
                 (node, false)
             }
@@ -267,6 +280,7 @@ impl InodeTable {
             }
             Entry::Vacant(e) => {
                 node.lookups.store(1, Ordering::Release);
+                self.fds.fetch_add(node.weight, Ordering::Relaxed);
                 e.insert(node.clone());
                 node.clone()
             }
@@ -288,6 +302,7 @@ impl InodeTable {
             new == 0
         });
         if let Some((_, node)) = removed {
+            self.fds.fetch_sub(node.weight, Ordering::Relaxed);
             let s = node.state.read();
             if let Some(parent) = &s.parent
                 && !s.unlinked
@@ -371,6 +386,11 @@ impl InodeTable {
 
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// About how many fds the nodes hold (each node's weight, summed).
+    pub fn fds(&self) -> usize {
+        self.fds.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
