@@ -56,6 +56,18 @@ struct ImageMount<'a> {
     mnt: PathBuf,
 }
 
+impl<'a> ImageMount<'a> {
+    /// Mounts image `name` at `mnt` (read-only or with a fresh container layer); unmounted
+    /// on drop.
+    fn new(images: &'a ImageStore, name: &str, mnt: &Path, readonly: bool) -> ImageMount<'a> {
+        images.mount(name, mnt, readonly).unwrap();
+        ImageMount {
+            images,
+            mnt: mnt.to_path_buf(),
+        }
+    }
+}
+
 impl Drop for ImageMount<'_> {
     fn drop(&mut self) {
         if self.images.umount(&self.mnt).is_err() {
@@ -1128,11 +1140,7 @@ fn failed_import_leaves_no_orphan_layers() {
     }
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    images.mount("fixture/good:1", &mnt, true).unwrap();
-    let _g = ImageMount {
-        images: &images,
-        mnt: mnt.clone(),
-    };
+    let _g = ImageMount::new(&images, "fixture/good:1", &mnt, true);
     assert_eq!(fs::read(mnt.join("etc/hello")).unwrap(), b"hello three\n");
     assert_eq!(fs::read(mnt.join("third")).unwrap(), b"third layer\n");
     assert!(!mnt.join("added").exists() && !mnt.join("etc/gone").exists());
@@ -1172,11 +1180,7 @@ fn images_import_share_mount_commit_export_rm() {
         fs::create_dir(&mnt).unwrap();
         let committed;
         {
-            images.mount("fixture/old:1", &mnt, false).unwrap();
-            let _g = ImageMount {
-                images: &images,
-                mnt: mnt.clone(),
-            };
+            let _g = ImageMount::new(&images, "fixture/old:1", &mnt, false);
             assert_eq!(fs::read(mnt.join("etc/hello")).unwrap(), b"hello again\n");
             assert!(!mnt.join("etc/gone").exists());
             fs::write(mnt.join("etc/motd"), b"committed\n").unwrap();
@@ -1187,13 +1191,7 @@ fn images_import_share_mount_commit_export_rm() {
         assert_eq!(committed.diff_ids.len(), 3);
         assert_eq!(committed.diff_ids[..2], rec.diff_ids[..]);
         {
-            images
-                .mount("fixture/committed:latest", &mnt, true)
-                .unwrap();
-            let _g = ImageMount {
-                images: &images,
-                mnt: mnt.clone(),
-            };
+            let _g = ImageMount::new(&images, "fixture/committed:latest", &mnt, true);
             assert_eq!(fs::read(mnt.join("etc/motd")).unwrap(), b"committed\n");
             assert!(!mnt.join("bin/tool2").exists());
             assert!(fs::write(mnt.join("x"), b"x").is_err(), "--readonly");
@@ -1208,16 +1206,8 @@ fn images_import_share_mount_commit_export_rm() {
         let mnt2 = t.path().join(format!("mnt2-{backend:?}"));
         fs::create_dir(&mnt2).unwrap();
         {
-            images.mount("fixture/committed", &mnt, true).unwrap();
-            let _g = ImageMount {
-                images: &images,
-                mnt: mnt.clone(),
-            };
-            images2.mount("fixture/committed", &mnt2, true).unwrap();
-            let _g2 = ImageMount {
-                images: &images2,
-                mnt: mnt2.clone(),
-            };
+            let _g = ImageMount::new(&images, "fixture/committed", &mnt, true);
+            let _g2 = ImageMount::new(&images2, "fixture/committed", &mnt2, true);
             assert_eq!(
                 tree(&mnt),
                 tree(&mnt2),
@@ -1278,16 +1268,8 @@ fn oci_layout_directory_imports_like_the_tar() {
         );
         fs::create_dir(&m1).unwrap();
         fs::create_dir(&m2).unwrap();
-        from_dir.mount("fixture/oci:2", &m1, true).unwrap();
-        let _g1 = ImageMount {
-            images: &from_dir,
-            mnt: m1.clone(),
-        };
-        from_tar.mount("fixture/oci:2", &m2, true).unwrap();
-        let _g2 = ImageMount {
-            images: &from_tar,
-            mnt: m2.clone(),
-        };
+        let _g1 = ImageMount::new(&from_dir, "fixture/oci:2", &m1, true);
+        let _g2 = ImageMount::new(&from_tar, "fixture/oci:2", &m2, true);
         let got = tree(&m1);
         assert_eq!(got, tree(&m2), "{backend:?}");
         assert!(
