@@ -342,6 +342,12 @@ pub fn apply(root: &Path, op: &Op) -> Outcome {
 /// Records which paths `op` (which returned `outcome`) gave a "now" mtime.
 pub fn track(dirty: &mut Dirty, op: &Op, outcome: &Outcome) {
     if !outcome.is_ok() {
+        // Kernel overlayfs with redirect_dir=on copies a directory up before it checks the
+        // rename (ENOTEMPTY, EEXIST...), so a failed rename can still stamp the source's
+        // parent with "now"; ext4 and stratafs leave it. Not a time to compare.
+        if let Op::Rename { from, .. } = op {
+            dirty.mark_parent(from);
+        }
         return;
     }
     match op {
