@@ -99,6 +99,9 @@ pub struct Driver {
     /// Stop comparing at the first different result (the states diverge after it).
     pub stop_on_mismatch: bool,
     pub stopped: bool,
+    /// Names the fixture's lower hard links have now: `HARDLINK_FAMILY` and whatever
+    /// renames and links made of them (the kernel can't read our hard-link index).
+    pub family: std::collections::BTreeSet<String>,
 }
 
 impl Driver {
@@ -116,7 +119,31 @@ impl Driver {
             }
         }
         ops::track(&mut self.dirty, op, &k);
+        if k.is_ok() {
+            self.track_family(op);
+        }
         k
+    }
+
+    fn track_family(&mut self, op: &Op) {
+        let is = |f: &std::collections::BTreeSet<String>, p: &str| {
+            f.contains(p) || HARDLINK_FAMILY.iter().any(|n| p.ends_with(n))
+        };
+        match op {
+            Op::Link { from, to } if is(&self.family, from) => {
+                self.family.insert(to.clone());
+            }
+            Op::Rename { from, to, flags } => {
+                let (a, b) = (is(&self.family, from), is(&self.family, to));
+                if a {
+                    self.family.insert(to.clone());
+                }
+                if *flags & RENAME_EXCHANGE != 0 && b {
+                    self.family.insert(from.clone());
+                }
+            }
+            _ => {}
+        }
     }
 
     pub fn merged_cmp(&self) -> Cmp<'_> {
@@ -189,6 +216,7 @@ pub fn run(
         log: Vec::new(),
         stop_on_mismatch,
         stopped: false,
+        family: Default::default(),
     };
     let initial_ok = d.check_trees("right after mounting (before any operation)");
     if initial_ok {
@@ -204,6 +232,7 @@ pub fn run(
         dirty,
         mut failures,
         log,
+        family,
         ..
     } = d;
     failures.extend(kernel.unmount_checked().err());
@@ -258,7 +287,7 @@ pub fn run(
             m.unmount();
             let mut want = kernel_merged.clone();
             if !profile.cross_hardlinks {
-                drop_lower_hardlinks(&mut want, &mut cross);
+                drop_lower_hardlinks(&mut want, &mut cross, &family);
             }
             failures.extend(diff_block(
                 "kernel mount of the stratafs upper vs the kernel's own merged view",
@@ -296,8 +325,13 @@ pub fn run(
 
 /// Removes from both trees every name of the fixture's lower hard links (and of links made
 /// from them, whatever they were renamed to) that either tree shows.
-fn drop_lower_hardlinks(a: &mut Tree, b: &mut Tree) {
-    let family = |p: &str| HARDLINK_FAMILY.iter().any(|n| p.ends_with(n));
+fn drop_lower_hardlinks(a: &mut Tree, b: &mut Tree, moved: &std::collections::BTreeSet<String>) {
+    let family = |p: &str| {
+        moved
+            .iter()
+            .any(|m| p.trim_start_matches('/') == m.trim_start_matches('/'))
+            || HARDLINK_FAMILY.iter().any(|n| p.ends_with(n))
+    };
     let mut names = std::collections::BTreeSet::new();
     for t in [&*a, &*b] {
         for (p, e) in &t.entries {
