@@ -107,6 +107,18 @@ pub struct Driver {
 impl Driver {
     /// Runs `op` on the kernel mount, then on stratafs; returns the kernel's outcome.
     pub fn step(&mut self, op: &Op) -> Outcome {
+        // A write or truncate through a symlink stamps the target's mtime: resolve it first.
+        let target = match op {
+            Op::Write { path, .. } | Op::Truncate { path, .. } | Op::OpenTrunc { path } => {
+                let root = self.kernel.path().to_path_buf();
+                std::fs::canonicalize(root.join(path)).ok().and_then(|t| {
+                    t.strip_prefix(&root)
+                        .ok()
+                        .map(|r| r.to_string_lossy().into_owned())
+                })
+            }
+            _ => None,
+        };
         let i = self.log.len();
         let k = ops::apply(self.kernel.path(), op);
         let s = ops::apply(self.stratafs.path(), op);
@@ -120,6 +132,9 @@ impl Driver {
         }
         ops::track(&mut self.dirty, op, &k);
         if k.is_ok() {
+            if let Some(t) = &target {
+                self.dirty.mark(t);
+            }
             self.track_family(op);
         }
         k
