@@ -76,7 +76,14 @@ enum Sub {
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let res = match argv.get(1).and_then(|a| a.to_str()) {
+    let first = argv.get(1).and_then(|a| a.to_str());
+    // The storage CLIs print listings: a reader that goes (`| head`) ends them by SIGPIPE.
+    // Not `serve`, a gRPC server that writes to sockets, nor the mount daemon; a daemon these
+    // commands start is this binary again, whose runtime ignores SIGPIPE anew at exec.
+    if matches!(first, Some("layers" | "image" | "snapshots")) {
+        sys::default_sigpipe();
+    }
+    let res = match first {
         Some("mount" | "umount" | "unmount" | "help") => subcommand(&argv),
         Some("layers" | "image") => stratafs::storage::layers::cli::run(&argv),
         Some("snapshots" | "serve") => stratafs::storage::snapshots::cli::run(&argv),

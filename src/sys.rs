@@ -415,6 +415,14 @@ pub fn umount(path: &OsStr, lazy: bool) -> io::Result<()> {
     cvt(unsafe { libc::umount2(path.as_ptr(), flags) }).map(drop)
 }
 
+/// Restores the default action of SIGPIPE (Rust starts programs with it ignored), so a
+/// command-line tool whose reader has gone ends quietly, as `ls | head` expects. Only for
+/// commands that neither serve sockets nor run the daemon.
+pub fn default_sigpipe() {
+    // SAFETY: setting a standard disposition for SIGPIPE; no handler code runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// Sets the process umask: the daemon applies the caller's umask itself.
 pub fn set_umask(mask: u32) {
     // SAFETY: umask(2) cannot fail.

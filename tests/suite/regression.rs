@@ -1325,3 +1325,37 @@ fn writing_a_hard_link_after_rm_of_its_looked_up_name_works() {
     m.unmount();
     fx.assert_lowers_unchanged();
 }
+
+/// Found in review after the `--version` fix above: the storage CLIs print with `println!`,
+/// so `stratafs snapshots ls | head -1` (or `layers`/`image` into a closed pipe) panicked.
+/// They now end as command-line tools do when their reader goes: by SIGPIPE, silently.
+#[test]
+fn storage_listings_into_a_closed_pipe_do_not_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path().join("root");
+    for args in [
+        vec!["snapshots", "--backend", "native", "--root"],
+        vec!["image", "--root"],
+    ] {
+        let mut cmd = Command::new(bin());
+        cmd.args(&args).arg(&root).arg("ls");
+        // A first run makes the store (its output goes nowhere).
+        let first = cmd.output().expect("run");
+        assert!(first.status.success(), "{args:?}: {first:?}");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stratafs");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {:?}: {stderr}",
+            out.status
+        );
+    }
+}
