@@ -105,23 +105,9 @@ impl OverlayFs {
             how
         };
         let data_fd = data.as_ref().map(|d| d.as_fd());
-        // A removed file's space comes back only when the kernel forgets its inode (the
-        // daemon holds an fd until then): on ENOSPC, while the table still holds a removed
-        // object, give pending FORGETs a moment (up to 3 s on a loaded machine), then retry.
-        let mut tries = 0;
-        let (fd, meta) = loop {
-            match self.copy_up_obj(&parent, &name, src.as_fd(), data_fd, how, node.st_ino) {
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ENOSPC)
-                        && tries < 60
-                        && (tries < 4 || self.table.holds_removed()) =>
-                {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                r => break r?,
-            }
-        };
+        let (fd, meta) = self.retry_enospc(|| {
+            self.copy_up_obj(&parent, &name, src.as_fd(), data_fd, how, node.st_ino)
+        })?;
         self.copied_up();
         let mut s = node.state.write();
         s.upper = Some(fd.clone());
@@ -132,6 +118,28 @@ impl OverlayFs {
             self.invalidate_attr(node.st_ino);
         }
         Ok(fd)
+    }
+
+    /// Runs `op` (a copy into the upper layer, which must be safe to redo) again on ENOSPC
+    /// while space may be on its way back: a removed file's space returns only when the
+    /// kernel forgets its inode (the daemon holds an fd until then), so while the table
+    /// still holds a removed object, pending FORGETs get a moment (up to 3 s on a loaded
+    /// machine). A truly full upper fails after 200 ms.
+    fn retry_enospc<T>(&self, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        let mut tries = 0;
+        loop {
+            match op() {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOSPC)
+                        && tries < 60
+                        && (tries < 4 || self.table.holds_removed()) =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Completes a metacopy file: copies the data into the upper file itself, then drops the
@@ -152,8 +160,11 @@ impl OverlayFs {
             let src = src.ok_or_else(|| errno(libc::EIO))?;
             let input = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
             let size = sys::fstat(input.as_fd())?.st_size;
-            copy_data(input.as_fd(), out.as_fd(), size)?;
-            sys::fsync(out.as_fd(), true)?;
+            // Redoing the copy rewrites the same bytes; the mark stays until it succeeded.
+            self.retry_enospc(|| {
+                copy_data(input.as_fd(), out.as_fd(), size)?;
+                sys::fsync(out.as_fd(), true)
+            })?;
         }
         // Filling in the data is not a change the user made: keep the file's times.
         restore_times(out.as_fd(), &times)?;
