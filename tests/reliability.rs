@@ -94,6 +94,15 @@ fn mkdirs(p: &Path) {
 }
 
 /// The pid of the daemon serving `mnt` (the `-f` re-exec whose arguments name it).
+/// `ROOT/{l,u,w}` made, and the mountpoint path `ROOT/mnt` (made too), for one mount.
+fn overlay_dirs(root: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let [l, u, w, mnt] = ["l", "u", "w", "mnt"].map(|n| root.join(n));
+    for d in [&l, &u, &w, &mnt] {
+        mkdirs(d);
+    }
+    (l, u, w, mnt)
+}
+
 fn daemon_pid(mnt: &Path) -> Option<i32> {
     let want = mnt.as_os_str().as_bytes();
     for e in fs::read_dir("/proc").ok()?.flatten() {
@@ -1292,15 +1301,7 @@ impl Drop for Immutable {
 fn faults_errors_from_layers_reach_the_caller() {
     let _s = serial();
     let t = tmpdir();
-    let (lower, upper, work, mnt) = (
-        t.path().join("lower"),
-        t.path().join("upper"),
-        t.path().join("work"),
-        t.path().join("mnt"),
-    );
-    for p in [&lower, &upper, &work] {
-        mkdirs(p);
-    }
+    let (lower, upper, work, mnt) = overlay_dirs(t.path());
     // Traversable for nobody.
     fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
     // A lower file mode 000 owned by another user; a lower dir only its owner may read.
@@ -3140,15 +3141,7 @@ fn mounts_at(p: &Path) -> usize {
 fn dead_mount_is_detected_refused_and_cleaned() {
     let _s = serial();
     let t = tmpdir();
-    let (l, u, w, mnt) = (
-        t.path().join("l"),
-        t.path().join("u"),
-        t.path().join("w"),
-        t.path().join("mnt"),
-    );
-    for d in [&l, &u, &w] {
-        mkdirs(d);
-    }
+    let (l, u, w, mnt) = overlay_dirs(t.path());
     fs::write(l.join("f"), "lower\n").unwrap();
     let m = Mount::new(&[&l], Some((&u, &w)), &mnt, "");
     assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower\n");
@@ -3290,15 +3283,7 @@ fn allow_other_is_the_default_as_root() {
 fn panic_in_a_handler_fails_only_that_request() {
     let _s = serial();
     let t = tmpdir();
-    let (l, u, w, mnt) = (
-        t.path().join("l"),
-        t.path().join("u"),
-        t.path().join("w"),
-        t.path().join("mnt"),
-    );
-    for d in [&l, &u, &w, &mnt] {
-        mkdirs(d);
-    }
+    let (l, u, w, mnt) = overlay_dirs(t.path());
     fs::write(l.join("boom"), "never seen\n").unwrap();
     for i in 0..8 {
         fs::write(l.join(format!("ok{i}")), format!("{i}\n")).unwrap();

@@ -206,22 +206,25 @@ fn copy_up_keeps_the_parent_directory_times() {
     assert_eq!(s, "DAta");
 }
 
+/// Runs `cmd` with its stdout a pipe whose read end is closed before it writes: every write
+/// then gets EPIPE (or SIGPIPE, where the program has its default action back).
+fn into_closed_pipe(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stratafs");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait")
+}
+
 /// Found by CI (scripts/podman-test runs `stratafs --version | head -n 1`): when the reader
 /// had gone before the second line was written, the binary panicked on EPIPE and exited 101.
 /// Help and version text go out in one write, and a reader that has gone is not an error.
 #[test]
 fn version_and_help_into_a_closed_pipe_exit_cleanly() {
     for flag in ["--version", "--help"] {
-        let mut child = Command::new(bin())
-            .arg(flag)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stratafs");
-        // Close the read end before the program writes: every write then gets EPIPE
-        // (Rust ignores SIGPIPE, so it surfaces as an error, not a signal).
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
+        let out = into_closed_pipe(Command::new(bin()).arg(flag));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{flag}: {:?}: {stderr}", out.status);
         assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
@@ -1343,13 +1346,7 @@ fn storage_listings_into_a_closed_pipe_do_not_panic() {
         // A first run makes the store (its output goes nowhere).
         let first = cmd.output().expect("run");
         assert!(first.status.success(), "{args:?}: {first:?}");
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stratafs");
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
+        let out = into_closed_pipe(&mut cmd);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(

@@ -293,16 +293,7 @@ impl Mount {
 
     /// Mounts stratafs with `-o LAYERS[,extra] MNT`; panics if it fails.
     pub fn stratafs(layers: &Layers, mnt: &Path, extra: &str) -> Mount {
-        let mut opts = layers.options();
-        if !extra.is_empty() {
-            opts.push(',');
-            opts.push_str(extra);
-        }
-        let mnt = fs::canonicalize(mnt).expect("mountpoint");
-        let args: Vec<OsString> = vec!["-o".into(), opts.into(), mnt.clone().into()];
-        Mount::stratafs_args(&args, &mnt, None).unwrap_or_else(|o| {
-            panic!("stratafs mount failed: {}", o.describe());
-        })
+        Mount::stratafs_env(layers, mnt, extra, &[])
     }
 
     /// Runs stratafs with exactly `args`; on exit 0 checks that `mnt` is a live
