@@ -101,19 +101,19 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     }
     // Modes of new objects come from the caller's request, not from our umask.
     sys::set_umask(0);
-    // As many fds as the kernel allows a process (fs.nr_open), up to 2^20: a node holds one,
-    // and the reaper makes the kernel forget cached entries (and their listings) past a
-    // quarter of the limit, so a low limit makes warm walks of big trees cold again.
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(1 << 20);
-    // STRATAFS_NOFILE_MAX caps it (tests of the reaper run with a small limit).
-    let cap = std::env::var("STRATAFS_NOFILE_MAX")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1 << 20);
-    let fd_limit = sys::raise_nofile_limit(nr_open.min(cap)).unwrap_or(1024);
+    // As many fds as the kernel allows a process (fs.nr_open), up to 2^20: a node holds one
+    // per layer object, and past 3/4 of the limit the reaper makes the kernel forget cached
+    // entries (and their listings), so a low limit makes warm walks of big trees cold again.
+    // STRATAFS_NOFILE_MAX caps it (the reaper's own test runs with a small limit).
+    let number = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok());
+    let want = [
+        number(std::fs::read_to_string("/proc/sys/fs/nr_open").ok()),
+        number(std::env::var("STRATAFS_NOFILE_MAX").ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(1 << 20, u64::min);
+    let fd_limit = sys::raise_nofile_limit(want).unwrap_or(1024);
     let root = sys::geteuid() == 0;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())

@@ -30,9 +30,10 @@ pub struct Reaper {
 impl Reaper {
     pub fn new(table: Arc<InodeTable>, fd_limit: u64) -> Reaper {
         // The table counts the fds its nodes hold (one per layer object); a quarter of the
-        // limit is left for copy-ups made since, open handles and the daemon's own files. Reaping drops the kernel's cached entries and
-        // listings, so a low mark makes warm walks of big trees cold (a warm `find` of 5k
-        // lower files: 5 ms unreaped, 40 ms reaped at a quarter of the limit in nodes).
+        // limit is left for copy-ups made since, open handles and the daemon's own files.
+        // Reaping drops the kernel's cached entries and listings, so a low mark makes warm
+        // walks of big trees cold (a warm `find` of 5k lower files: 5 ms unreaped, 40 ms
+        // reaped at a quarter of the limit in nodes).
         let limit = usize::try_from(fd_limit).unwrap_or(usize::MAX).min(1 << 20);
         // At least 512 stay free: lookups can outrun the reaper by that much.
         let high = (limit * 3 / 4).min(limit.saturating_sub(512)).max(128);
