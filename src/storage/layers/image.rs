@@ -84,11 +84,7 @@ const JOURNAL_SUFFIX: &str = ".journal";
 const JOURNAL_NEW_SUFFIX: &str = ".new";
 
 fn random_hex() -> Result<String> {
-    let mut rnd = [0u8; 8];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut rnd))
-        .ctx(|| "read /dev/urandom".into())?;
-    Ok(hex::encode(rnd))
+    Ok(hex::encode(super::store::random_bytes::<8>()?))
 }
 
 /// The layers an import or commit is creating, one id a line, each written (and synced)
@@ -832,11 +828,7 @@ impl ImageStore {
                 mnt.display()
             )));
         }
-        let mut rnd = [0u8; 8];
-        File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut rnd))
-            .ctx(|| "read /dev/urandom".into())?;
-        let cid = format!("ctr-{}", hex::encode(rnd));
+        let cid = format!("ctr-{}", random_hex()?);
         self.layers.create(&cid, Some(&top), true)?;
         if let Err(e) = self.layers.mount_to(&cid, &mnt, readonly) {
             let _ = self.layers.remove(&cid);

@@ -170,11 +170,17 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
 }
 
 /// 26 characters of base32 from 16 random bytes (Docker's `generateID(idLength)`).
-fn new_lid() -> Result<String> {
-    let mut b = [0u8; 16];
+/// `N` random bytes from the kernel.
+pub(super) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
         .ctx(|| "read /dev/urandom".into())?;
+    Ok(b)
+}
+
+fn new_lid() -> Result<String> {
+    let b = random_bytes::<16>()?;
     const ALPHA: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::new();
     let mut acc: u32 = 0;
