@@ -15,7 +15,8 @@ use fuser::{
 use tracing::debug;
 
 use super::OverlayFs;
-use super::ops::{Caller, OpenPlan};
+use super::ops::OpenPlan;
+use super::privs::Caller;
 use crate::sys::{self, SetTime};
 use std::sync::atomic::Ordering;
 
@@ -30,6 +31,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -121,6 +123,9 @@ impl Filesystem for OverlayFs {
                 .is_ok();
             self.writeback.store(wb, Ordering::Relaxed);
         }
+        // The kernel then caches "nothing to kill" per inode instead of asking for
+        // security.capability before every write; S_ISUID/S_ISGID are ours to clear (privs.rs).
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
@@ -156,7 +161,7 @@ impl Filesystem for OverlayFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -164,14 +169,28 @@ impl Filesystem for OverlayFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
+        crtime: Option<SystemTime>,
+        chgtime: Option<SystemTime>,
+        bkuptime: Option<SystemTime>,
+        flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // Nothing to set: the kernel's file_remove_privs asks us to clear S_ISUID/S_ISGID
+        // (FUSE_HANDLE_KILLPRIV_V2).
+        let bare = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none()
+            && ctime.is_none()
+            && crtime.is_none()
+            && chgtime.is_none()
+            && bkuptime.is_none()
+            && flags.is_none();
+        let caller = caller(req);
         let res = guard(|| {
             self.do_setattr(
                 ino,
@@ -182,6 +201,8 @@ impl Filesystem for OverlayFs {
                 set_time(atime),
                 set_time(mtime),
                 fh.map(|f| f.0),
+                &caller,
+                bare,
             )
         });
         match res {
@@ -287,8 +308,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fh, plan) = match guard(|| self.do_open(ino, flags.0)) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fh, plan) = match guard(|| self.do_open(ino, flags.0, &caller(req))) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
@@ -327,17 +348,20 @@ impl Filesystem for OverlayFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match guard(|| self.do_write(fh.0, offset, data)) {
+        let kill = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| caller(req));
+        match guard(|| self.do_write(fh.0, offset, data, kill.as_ref())) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }

@@ -15,6 +15,7 @@ pub mod idmap;
 pub mod inode;
 pub mod layer;
 mod ops;
+pub mod privs;
 pub mod reaper;
 
 use std::ffi::{OsStr, OsString};

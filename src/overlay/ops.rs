@@ -19,15 +19,9 @@ use parking_lot::Mutex;
 use super::copy_up::CopyUp;
 use super::dir::{DirEntry, DirLayer, remove_contents, remove_entry};
 use super::inode::Node;
+use super::privs::{self, Caller, Kill};
 use super::{Found, OverlayFs, errno, idmap, is_dir, is_enoent, layer};
 use crate::sys::{self, SetTime};
-
-/// Who asks: the ids new objects get.
-#[derive(Clone, Copy, Debug)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-}
 
 /// An open file or directory.
 #[derive(Debug)]
@@ -388,7 +382,11 @@ impl OverlayFs {
         self.require_upper()?;
         // A metacopy file gets its data first: the new name could not find it below.
         let src = self.copy_up(&node, CopyUp::Data)?;
-        let caller = Caller { uid: 0, gid: 0 };
+        let caller = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        };
         let (_, id, _) =
             self.create_obj(&parent, newname, Make::Link { src: src.clone() }, caller)?;
         self.adjust_nlink(src.as_fd(), 1, node.st_ino)?;
@@ -919,8 +917,31 @@ impl OverlayFs {
         atime: Option<SetTime>,
         mtime: Option<SetTime>,
         fh: Option<u64>,
+        caller: &Caller,
+        bare: bool,
     ) -> io::Result<FileAttr> {
         let node = self.node(ino)?;
+        // The bits the kernel leaves to us to clear (privs.rs): a bare SETATTR is its
+        // file_remove_privs before a passthrough write; a truncate and a chown clear them too.
+        let mut mode = mode;
+        let why = if bare || size.is_some() {
+            Some(Kill::Data)
+        } else if uid.is_some() || gid.is_some() {
+            Some(Kill::Chown)
+        } else {
+            None
+        };
+        if let (None, Some(why)) = (mode, why) {
+            let shown = self.do_getattr(ino, fh)?;
+            let regular = shown.kind == fuser::FileType::RegularFile;
+            if regular || (why == Kill::Chown && shown.kind != fuser::FileType::Directory) {
+                let perm = u32::from(shown.perm);
+                let clear = privs::to_clear(perm, shown.gid, why, || caller.creds());
+                if clear != 0 {
+                    mode = Some(perm & !clear);
+                }
+            }
+        }
         let changes = mode.is_some()
             || uid.is_some()
             || gid.is_some()
@@ -1022,7 +1043,12 @@ impl OverlayFs {
         }
     }
 
-    pub fn do_open(&self, ino: INodeNo, flags: i32) -> io::Result<(u64, OpenPlan)> {
+    pub fn do_open(
+        &self,
+        ino: INodeNo,
+        flags: i32,
+        caller: &Caller,
+    ) -> io::Result<(u64, OpenPlan)> {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writing = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
@@ -1037,6 +1063,10 @@ impl OverlayFs {
                 CopyUp::Data
             };
             self.copy_up(&node, how)?;
+            // With atomic O_TRUNC the truncation is ours, and so are the bits it clears.
+            if flags & libc::O_TRUNC != 0 {
+                self.do_setattr(ino, None, None, None, None, None, None, None, caller, true)?;
+            }
         }
         // Decide under the node's io lock, so a copy-up racing with this open cannot pair a
         // page-cached open with a passthrough one.
@@ -1145,7 +1175,18 @@ impl OverlayFs {
         })
     }
 
-    pub fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+    /// A write through the daemon; `kill`: the kernel flagged that the writer lacks
+    /// CAP_FSETID (FUSE_WRITE_KILL_SUIDGID), so S_ISUID/S_ISGID go first.
+    pub fn do_write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill: Option<&Caller>,
+    ) -> io::Result<u32> {
+        if let Some(caller) = kill {
+            self.kill_flagged(fh, caller)?;
+        }
         self.with_file(fh, |fd| {
             let mut done = 0;
             while done < data.len() {
@@ -1153,6 +1194,27 @@ impl OverlayFs {
             }
             Ok(done as u32)
         })
+    }
+
+    fn kill_flagged(&self, fh: u64, caller: &Caller) -> io::Result<()> {
+        let h = self.file(fh)?;
+        let Handle::File(FileHandle {
+            fd,
+            node: Some(node),
+            ..
+        }) = &*h
+        else {
+            return Ok(());
+        };
+        let shown = self.attr(node, &sys::fstat(fd.as_fd())?);
+        let perm = u32::from(shown.perm);
+        let clear = privs::to_clear(perm, shown.gid, Kill::Flagged, || caller.creds());
+        if clear != 0 {
+            let mode = Some(perm & !clear);
+            let ino = shown.ino;
+            self.do_setattr(ino, mode, None, None, None, None, None, None, caller, false)?;
+        }
+        Ok(())
     }
 
     pub fn do_opendir(&self, ino: INodeNo) -> io::Result<u64> {

@@ -1356,3 +1356,120 @@ fn storage_listings_into_a_closed_pipe_do_not_panic() {
         );
     }
 }
+
+/// Found while enabling FUSE_HANDLE_KILLPRIV_V2 (issue #3): an `open(O_TRUNC)` of a setuid file
+/// by a user without CAP_FSETID kept S_ISUID (with atomic O_TRUNC the kernel leaves the kill to
+/// the daemon). Writes, truncates, O_TRUNC opens and chowns by users with and without
+/// CAP_FSETID, over suid, sgid (with and without group exec), file capabilities and a bit set
+/// again after a first write: modes and capabilities as kernel overlayfs leaves them, with
+/// passthrough and without, and again after a remount.
+#[test]
+fn suid_sgid_and_caps_are_killed_as_kernel_overlayfs_does() {
+    let files: &[(&str, u32, u32)] = &[
+        // name, mode, gid (owner is 65534)
+        ("a", 0o6755, 65534),
+        ("b", 0o6755, 65534),
+        ("c", 0o6755, 65534),
+        ("d", 0o6755, 65534),
+        ("e", 0o6755, 65534),
+        ("f", 0o2644, 65534),
+        ("g", 0o6755, 65534),
+        ("h", 0o6755, 65534),
+        ("i", 0o0755, 65534),
+        ("j", 0o0755, 65534),
+        ("k", 0o6755, 65534),
+        ("l", 0o6755, 65534),
+        ("o", 0o6644, 0),
+        ("p", 0o6644, 65534),
+        ("q", 0o2644, 65534),
+        ("r", 0o2644, 0),
+        ("s", 0o6755, 65534),
+    ];
+    let ops = r#"set -e; cd "$1"
+U() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+NOF() { setpriv --bounding-set=-fsetid "$@"; }
+U sh -c 'echo x >> a'
+U truncate -s 1 b
+U sh -c ': > c'
+echo x >> d
+NOF sh -c 'echo x >> e'
+U sh -c 'echo x >> f'
+chown 65534:0 g
+echo x >> h
+U sh -c 'echo x >> i'; chmod 4755 i; U sh -c 'echo x >> i'
+U sh -c 'echo x >> j'; setcap cap_net_raw+ep j; echo x >> j
+printf zz | U dd of=k conv=notrunc status=none
+NOF truncate -s 0 l
+U sh -c 'echo x >> o'
+U sh -c 'echo x >> p'
+U chgrp 65534 q
+U chgrp 65534 r
+U sh -c 'echo x >> n'
+U sh -c 'exec 3<>s; echo y >&3'
+"#;
+    let names: Vec<&str> = files.iter().map(|f| f.0).chain(["n"]).collect();
+    let look = |dir: &Path| -> Vec<(String, String, String)> {
+        names
+            .iter()
+            .map(|n| {
+                let p = dir.join(n);
+                let st = fs::metadata(&p).unwrap_or_else(|e| panic!("stat {n}: {e}"));
+                let caps = Command::new("getcap").arg(&p).output().expect("getcap");
+                let caps = String::from_utf8_lossy(&caps.stdout);
+                let caps = caps.split_whitespace().nth(1).unwrap_or("").to_string();
+                (n.to_string(), format!("{:o}", st.mode() & 0o7777), caps)
+            })
+            .collect()
+    };
+    let mut results = Vec::new();
+    for variant in ["kernel", "stratafs", "stratafs-no-passthrough"] {
+        let mut fx = Fixture::new(1);
+        for (name, mode, gid) in files {
+            fx.lower(0)
+                .file(name, b"data\n")
+                .chown(name, 65534, *gid)
+                .chmod(name, *mode);
+        }
+        let h = fx.lower(0).path("h");
+        sh("setcap cap_net_raw+ep \"$1\" && chmod 6755 \"$1\"", &h);
+        fx.seal();
+        let env: &[(&str, &str)] = if variant == "stratafs-no-passthrough" {
+            &[("STRATAFS_NO_PASSTHROUGH", "1")]
+        } else {
+            &[]
+        };
+        let mount = || {
+            if variant == "kernel" {
+                fx.mount_kernel("")
+            } else {
+                Mount::stratafs_env(&fx.layers(), &fx.mnt, "", env)
+            }
+        };
+        let m = mount();
+        // One upper-only file made by root, handed to the user.
+        sh(
+            "cd \"$1\" && echo data > n && chown 65534:65534 n && chmod 6755 n",
+            m.path(),
+        );
+        sh(ops, m.path());
+        let seen = look(m.path());
+        m.unmount();
+        let m = mount();
+        assert_eq!(look(m.path()), seen, "{variant}: after a remount");
+        m.unmount();
+        fx.assert_lowers_unchanged();
+        results.push((variant, seen));
+    }
+    let kernel = &results[0].1;
+    assert_eq!(
+        kernel[0].1, "755",
+        "kernel sanity: a write by a user kills both"
+    );
+    assert_eq!(
+        kernel[3].1, "6755",
+        "kernel sanity: root's write keeps them"
+    );
+    for (variant, seen) in &results[1..] {
+        assert_eq!(seen, kernel, "{variant} vs kernel overlayfs");
+    }
+}
