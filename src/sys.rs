@@ -8,6 +8,7 @@ use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The kernel's `struct stat`.
 pub type Stat = libc::stat;
@@ -37,6 +38,70 @@ pub fn cstr(name: &OsStr) -> io::Result<CString> {
 /// fd refers to without any lookup by name.
 pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+}
+
+/// fchmodat2 (Linux 6.6) acts on an O_PATH fd itself (`AT_EMPTY_PATH`) and spares the walk
+/// through `/proc/self/fd/N`; a kernel without it says ENOSYS once and the `/proc` path serves
+/// from then on. (The xattr `*at` calls of 6.13 refuse O_PATH fds with an empty path, EBADF, so
+/// xattrs keep the `/proc` path.)
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+))]
+mod at {
+    pub const FCHMODAT2: libc::c_long = 452;
+    pub const KNOWN: bool = true;
+}
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+)))]
+mod at {
+    pub const FCHMODAT2: libc::c_long = -1;
+    pub const KNOWN: bool = false;
+}
+
+static NO_FCHMODAT2: AtomicBool = AtomicBool::new(!at::KNOWN);
+
+/// Runs an fd-relative call unless `off` says the kernel lacks it; `None`: use the /proc path.
+fn at_call(off: &AtomicBool, call: impl FnOnce() -> libc::c_long) -> Option<io::Result<usize>> {
+    if off.load(Ordering::Relaxed) {
+        return None;
+    }
+    match cvt_size(call() as libc::ssize_t) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            off.store(true, Ordering::Relaxed);
+            None
+        }
+        r => Some(r),
+    }
+}
+
+/// getxattr of the object behind any fd into `buf` (empty: ask the size).
+fn getxattr_raw(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    let ptr = if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr()
+    };
+    let path = proc_fd_path(fd);
+    // SAFETY: `ptr` is writable for `buf.len()` bytes (a null pointer with size 0 asks the
+    // size); strings are NUL-terminated.
+    cvt_size(unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr.cast(), buf.len()) })
+}
+
+/// listxattr of the object behind any fd into `buf` (empty: ask the size).
+fn listxattr_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let ptr: *mut libc::c_char = if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    let path = proc_fd_path(fd);
+    // SAFETY: as above, with a NUL-terminated path.
+    cvt_size(unsafe { libc::listxattr(path.as_ptr(), ptr, buf.len()) })
 }
 
 pub fn open(path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
@@ -187,6 +252,21 @@ pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Res
 
 /// chmod of the object behind any fd (through /proc, so `O_PATH` fds work too).
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let r = at_call(&NO_FCHMODAT2, || {
+        // SAFETY: plain syscall on a live fd with a static empty name.
+        unsafe {
+            libc::syscall(
+                at::FCHMODAT2,
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                mode,
+                libc::AT_EMPTY_PATH,
+            )
+        }
+    });
+    if let Some(r) = r {
+        return r.map(drop);
+    }
     let path = proc_fd_path(fd);
     // SAFETY: plain syscall on a NUL-terminated path.
     cvt(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
@@ -232,8 +312,21 @@ fn timespec(t: SetTime) -> libc::timespec {
 /// Sets atime/mtime of the object behind any fd. Through /proc, so the object itself is
 /// changed even when it is a symlink (the magic link resolves to the link, not its target).
 pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Result<()> {
-    let path = proc_fd_path(fd);
     let times = [timespec(atime), timespec(mtime)];
+    // SAFETY: `times` is a valid array of two timespecs; the name is a static empty string.
+    let r = cvt(unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    });
+    // A kernel without AT_EMPTY_PATH here says EINVAL: take the /proc path.
+    if r.as_ref().err().and_then(io::Error::raw_os_error) != Some(libc::EINVAL) {
+        return r.map(drop);
+    }
+    let path = proc_fd_path(fd);
     // SAFETY: `times` is a valid array of two timespecs; `path` is NUL-terminated.
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
@@ -241,24 +334,10 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Res
 /// Reads an xattr of the object behind any fd. `Ok(None)` when it is absent (or the filesystem
 /// has no xattrs at all).
 pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
-    let path = proc_fd_path(fd);
     let name = cstr(name)?;
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        // SAFETY: `buf` is writable for `buf.len()` bytes (a null pointer with size 0 asks the size).
-        let ret = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                if buf.is_empty() {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                buf.len(),
-            )
-        };
-        match cvt_size(ret) {
+        match getxattr_raw(fd, &name, &mut buf) {
             Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
             Ok(n) => {
                 buf.truncate(n);
@@ -280,22 +359,9 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>
 
 /// Lists the xattr names of the object behind any fd.
 pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
-    let path = proc_fd_path(fd);
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        // SAFETY: as in `get_xattr`.
-        let ret = unsafe {
-            libc::listxattr(
-                path.as_ptr(),
-                if buf.is_empty() {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                buf.len(),
-            )
-        };
-        match cvt_size(ret) {
+        match listxattr_raw(fd, &mut buf) {
             Ok(0) => return Ok(Vec::new()),
             Ok(n) if buf.is_empty() => buf.resize(n, 0),
             Ok(n) => {
@@ -314,8 +380,8 @@ pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 }
 
 pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
-    let path = proc_fd_path(fd);
     let name = cstr(name)?;
+    let path = proc_fd_path(fd);
     // SAFETY: `value` is readable for its whole length; strings are NUL-terminated.
     cvt(unsafe {
         libc::setxattr(
@@ -330,8 +396,8 @@ pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> 
 }
 
 pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let path = proc_fd_path(fd);
     let name = cstr(name)?;
+    let path = proc_fd_path(fd);
     // SAFETY: strings are NUL-terminated.
     cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
 }

@@ -41,6 +41,9 @@ pub struct FileHandle {
     pub cached_of: Option<Arc<Node>>,
     /// The node this file belongs to (counted in its `opens`).
     pub node: Option<Arc<Node>>,
+    /// `fd` is the upper file opened read-write with no O_APPEND, O_DIRECT or O_SYNC: fit to be
+    /// the inode's passthrough backing as it is.
+    pub backing_ready: bool,
 }
 
 impl Drop for FileHandle {
@@ -230,12 +233,12 @@ impl OverlayFs {
                 None
             }
         };
-        let finish = || -> io::Result<()> {
-            let flags = if mk_dir {
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
-            } else {
-                libc::O_PATH | libc::O_NOFOLLOW
-            };
+        let flags = if mk_dir {
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        } else {
+            libc::O_PATH | libc::O_NOFOLLOW
+        };
+        let finish = || -> io::Result<OwnedFd> {
             let fd = sys::openat(bdir, &bname, flags, 0)?;
             if !is_link {
                 if let Some(xp) = self.own.xattr_perms {
@@ -253,7 +256,10 @@ impl OverlayFs {
                 } else {
                     let (u, g) = self.own.store_new(caller.uid, gid);
                     sys::fchown(fd.as_fd(), Some(u), Some(g))?;
-                    if let Some(m) = final_mode {
+                    // Made with 0600 (0700 a directory) under the daemon's zero umask; a
+                    // chown by root keeps those bits.
+                    let made = if mk_dir { 0o700 } else { 0o600 };
+                    if let Some(m) = final_mode.filter(|m| *m != made) {
                         sys::chmod_fd(fd.as_fd(), m)?;
                     }
                 }
@@ -285,19 +291,23 @@ impl OverlayFs {
                     sys::unlinkat(pupper.as_fd(), &layer::whiteout_name(name), 0)?;
                 }
             }
-            Ok(())
+            Ok(fd)
         };
-        if let Err(e) = finish() {
-            let _ = remove_entry(bdir, &bname);
-            return Err(e);
-        }
+        let built = match finish() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = remove_entry(bdir, &bname);
+                return Err(e);
+            }
+        };
         let mut found = Found::default();
-        let flags = if mk_dir {
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        // Built in place, the fd is the object's; one built in the work dir was renamed over a
+        // whiteout (or swapped with it): open it at its name.
+        let fd = if slot == Slot::CharWhiteout {
+            sys::openat(pupper.as_fd(), name, flags, 0)?
         } else {
-            libc::O_PATH | libc::O_NOFOLLOW
+            built
         };
-        let fd = sys::openat(pupper.as_fd(), name, flags, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         found.upper = Some((Arc::new(fd), st));
         found.opaque = mk_dir && slot != Slot::Free;
@@ -404,8 +414,17 @@ impl OverlayFs {
         caller: Caller,
     ) -> io::Result<(FileAttr, u64, u64, OpenPlan)> {
         let parent = self.dir_node(parent)?;
+        // A passthrough create that asks nothing of the fd itself opens the new file read-write,
+        // so that fd becomes the backing without a second open through /proc.
+        let special = libc::O_APPEND | libc::O_DIRECT | libc::O_DSYNC | libc::O_SYNC;
+        let backing_ready = self.passthrough.load(Ordering::Relaxed) && flags & special == 0;
+        let real = if backing_ready {
+            (flags & !libc::O_ACCMODE) | libc::O_RDWR
+        } else {
+            self.real_open_flags(flags)
+        };
         let make = Make::File {
-            flags: self.real_open_flags(flags),
+            flags: real,
             mode: mode & !umask,
         };
         let (attr, id, fd) = self.create_obj(&parent, name, make, caller)?;
@@ -417,6 +436,7 @@ impl OverlayFs {
             backing: std::sync::OnceLock::new(),
             cached_of: None,
             node: self.table.get(id).map(|n| counted_open(&n)),
+            backing_ready,
         }));
         let plan = match self.table.get(id) {
             Some(node) if self.passthrough.load(Ordering::Relaxed) => OpenPlan::Passthrough(node),
@@ -1097,6 +1117,7 @@ impl OverlayFs {
             backing: std::sync::OnceLock::new(),
             cached_of: counted.then(|| node.clone()),
             node: Some(counted_open(&node)),
+            backing_ready: false,
         }));
         Ok((fh, plan))
     }
@@ -1135,11 +1156,14 @@ impl OverlayFs {
         }
         // The kernel does every passthrough read and write of this inode through this one
         // file: open it read-write whatever this open asked for.
-        let top = node.state.read().upper.clone()?;
-        let backing_fd = sys::reopen(top.as_fd(), libc::O_RDWR);
-        let reg = match &backing_fd {
-            Ok(fd) => register(fd.as_fd()),
-            Err(_) => register(file.fd.as_fd()),
+        let reg = if file.backing_ready {
+            register(file.fd.as_fd())
+        } else {
+            let top = node.state.read().upper.clone()?;
+            match sys::reopen(top.as_fd(), libc::O_RDWR) {
+                Ok(fd) => register(fd.as_fd()),
+                Err(_) => register(file.fd.as_fd()),
+            }
         };
         match reg {
             Ok(id) => {
