@@ -1115,3 +1115,64 @@ fn lower_state(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Root of rootless podman's namespace (no passthrough: the daemon is not privileged on the
+/// host): S_ISUID/S_ISGID go on a write, truncate and O_TRUNC open by another id of the
+/// namespace and on any chown, and stay when the namespace's root, who holds CAP_FSETID over
+/// files of its ids, writes or truncates; with real owners and with `xattr_permissions=2`.
+/// Kernel overlayfs (`userxattr`) mounted in the same namespace is the oracle.
+#[test]
+fn userns_suid_sgid_are_killed_as_kernel_overlayfs_does() {
+    let _s = serial();
+    let _fuse = DevFuseOpen::new();
+    let t = tempdir();
+    let t = t.path();
+    for d in ["k", "s", "x"] {
+        mkdirs(
+            t,
+            &[
+                &format!("{d}/l"),
+                &format!("{d}/u"),
+                &format!("{d}/w"),
+                &format!("{d}/m"),
+            ],
+        );
+    }
+    let script = format!(
+        r#"{SCRIPT_HELPERS}
+ops() {{
+    cd "$1" || exit 1
+    for f in a b c d e g h; do echo data > $f; chown 5:5 $f; chmod 6755 $f; done
+    echo data > p; chown 5:0 p; chmod 2644 p
+    as 5 sh -c 'echo x >> a'
+    as 5 truncate -s 1 b
+    as 5 sh -c ': > c'
+    echo x >> d
+    truncate -s 1 e
+    chown 6:6 g
+    as 5 chgrp 5 h
+    as 5 sh -c 'echo x >> p'
+    r=; for f in a b c d e g h p; do r="$r $f=$(stat -c %a $f)"; done
+    cd /; echo $r
+}}
+mount -t overlay overlay -o "userxattr,lowerdir=$T/k/l,upperdir=$T/k/u,workdir=$T/k/w" "$T/k/m"
+obs kernel "$(ops "$T/k/m")"
+umount "$T/k/m"
+"$BIN" -o "lowerdir=$T/s/l,upperdir=$T/s/u,workdir=$T/s/w" "$T/s/m"
+obs stratafs "$(ops "$T/s/m")"
+fusermount3 -u "$T/s/m"
+"$BIN" -o "lowerdir=$T/x/l,upperdir=$T/x/u,workdir=$T/x/w,xattr_permissions=2" "$T/x/m"
+obs xattr_permissions "$(ops "$T/x/m")"
+fusermount3 -u "$T/x/m"
+"#
+    );
+    let run = run_in_userns(ROOTLESS_MAP, t, t, &script);
+    run.assert_ok();
+    let kernel = run.get("kernel").to_string();
+    assert!(
+        kernel.contains("a=755") && kernel.contains("d=6755"),
+        "kernel sanity: {kernel}"
+    );
+    run.expect("stratafs", &kernel);
+    run.expect("xattr_permissions", &kernel);
+}

@@ -943,25 +943,19 @@ impl OverlayFs {
         let node = self.node(ino)?;
         // The bits the kernel leaves to us to clear (privs.rs): a bare SETATTR is its
         // file_remove_privs before a passthrough write; a truncate and a chown clear them too.
-        let mut mode = mode;
-        let why = if bare || size.is_some() {
-            Some(Kill::Data)
+        let why = if size.is_some() {
+            Some(Kill::Truncate)
+        } else if bare {
+            Some(Kill::Write)
         } else if uid.is_some() || gid.is_some() {
             Some(Kill::Chown)
         } else {
             None
         };
-        if let (None, Some(why)) = (mode, why) {
-            let shown = self.do_getattr(ino, fh)?;
-            let regular = shown.kind == fuser::FileType::RegularFile;
-            if regular || (why == Kill::Chown && shown.kind != fuser::FileType::Directory) {
-                let perm = u32::from(shown.perm);
-                let clear = privs::to_clear(perm, shown.gid, why, || caller.creds());
-                if clear != 0 {
-                    mode = Some(perm & !clear);
-                }
-            }
-        }
+        let mode = match (mode, why) {
+            (None, Some(why)) => self.killed_mode(ino, fh, caller, why)?,
+            (mode, _) => mode,
+        };
         let changes = mode.is_some()
             || uid.is_some()
             || gid.is_some()
@@ -1085,7 +1079,7 @@ impl OverlayFs {
             self.copy_up(&node, how)?;
             // With atomic O_TRUNC the truncation is ours, and so are the bits it clears.
             if flags & libc::O_TRUNC != 0 {
-                self.do_setattr(ino, None, None, None, None, None, None, None, caller, true)?;
+                self.kill_privs(ino, None, caller, Kill::Truncate)?;
             }
         }
         // Decide under the node's io lock, so a copy-up racing with this open cannot pair a
@@ -1223,20 +1217,48 @@ impl OverlayFs {
     fn kill_flagged(&self, fh: u64, caller: &Caller) -> io::Result<()> {
         let h = self.file(fh)?;
         let Handle::File(FileHandle {
-            fd,
-            node: Some(node),
-            ..
+            node: Some(node), ..
         }) = &*h
         else {
             return Ok(());
         };
-        let shown = self.attr(node, &sys::fstat(fd.as_fd())?);
+        self.kill_privs(INodeNo(node.st_ino), Some(fh), caller, Kill::Flagged)
+    }
+
+    /// The mode without the S_ISUID/S_ISGID that `why` takes from `caller`, if any goes.
+    fn killed_mode(
+        &self,
+        ino: INodeNo,
+        fh: Option<u64>,
+        caller: &Caller,
+        why: Kill,
+    ) -> io::Result<Option<u32>> {
+        let shown = self.do_getattr(ino, fh)?;
+        let kind = shown.kind;
+        if kind != fuser::FileType::RegularFile
+            && (why != Kill::Chown || kind == fuser::FileType::Directory)
+        {
+            return Ok(None);
+        }
         let perm = u32::from(shown.perm);
-        let clear = privs::to_clear(perm, shown.gid, Kill::Flagged, || caller.creds());
-        if clear != 0 {
-            let mode = Some(perm & !clear);
-            let ino = shown.ino;
-            self.do_setattr(ino, mode, None, None, None, None, None, None, caller, false)?;
+        let creds = || caller.creds();
+        let clear = privs::to_clear(perm, shown.gid, why, creds);
+        Ok((clear != 0).then_some(perm & !clear))
+    }
+
+    /// Clears what `why` takes outside a SETATTR (an open with O_TRUNC, a flagged write): the
+    /// kernel's cached mode goes too, as no reply carries the new one.
+    fn kill_privs(
+        &self,
+        ino: INodeNo,
+        fh: Option<u64>,
+        caller: &Caller,
+        why: Kill,
+    ) -> io::Result<()> {
+        if let Some(mode) = self.killed_mode(ino, fh, caller, why)? {
+            let m = Some(mode);
+            self.do_setattr(ino, m, None, None, None, None, None, None, caller, false)?;
+            self.invalidate_attr(ino.0);
         }
         Ok(())
     }

@@ -9,8 +9,12 @@
 //! are not ours to clear: the kernel still removes `security.capability` itself, and the
 //! layer's own file system does when the daemon writes or chowns the upper file.
 //!
-//! The caller's credentials come from `/proc/PID/status`, read only when the file has a bit to
-//! lose; when they cannot be read the caller counts as unprivileged (the bit goes).
+//! The caller's credentials come from `/proc/PID/status` and `/proc/PID/ns/user`, read only
+//! when the file has a bit to lose; when they cannot be read the caller counts as
+//! unprivileged (the bit goes). Which namespace a CAP_FSETID must be held in follows kernel
+//! overlayfs as measured (tests `suid_sgid_and_caps_are_killed_as_kernel_overlayfs_does` and
+//! `userns_suid_sgid_are_killed_as_kernel_overlayfs_does`): the mount's for a write, the
+//! initial one for a truncate.
 
 use std::fs;
 use std::sync::OnceLock;
@@ -32,9 +36,11 @@ pub struct Caller {
 pub enum Kill {
     /// A write the kernel flagged (FUSE_WRITE_KILL_SUIDGID): the caller lacks CAP_FSETID.
     Flagged,
-    /// A change of data (a write, truncate, open with O_TRUNC): nothing goes when the caller
-    /// holds CAP_FSETID.
-    Data,
+    /// A write: nothing goes when the caller holds CAP_FSETID in the mount's user namespace.
+    Write,
+    /// A truncate or an open with O_TRUNC: nothing goes only for CAP_FSETID in the initial
+    /// user namespace (root of any child namespace loses the bits, as on kernel overlayfs).
+    Truncate,
     /// A change of owner or group: S_ISUID always goes, S_ISGID as the kernel's chown decides.
     Chown,
 }
@@ -42,8 +48,10 @@ pub enum Kill {
 /// What of the caller's credentials the rules need.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Creds {
-    /// CAP_FSETID in the initial user namespace, which is what the kernel's FUSE checks.
+    /// CAP_FSETID in the user namespace of the mount (the daemon's).
     pub fsetid: bool,
+    /// CAP_FSETID in the initial user namespace.
+    pub fsetid_init: bool,
     /// The filesystem gid and the supplementary groups.
     pub groups: Vec<u32>,
 }
@@ -54,6 +62,7 @@ impl Caller {
     pub fn creds(&self) -> Creds {
         let fallback = Creds {
             fsetid: false,
+            fsetid_init: false,
             groups: vec![self.gid],
         };
         if self.pid == 0 {
@@ -66,24 +75,29 @@ impl Caller {
         if !c.groups.contains(&self.gid) {
             c.groups.push(self.gid);
         }
-        // A capability counts only in the initial user namespace (the kernel's capable()).
+        // The capability counts in the namespace the mount belongs to, ours: root of a child
+        // namespace writing to a host mount loses the bits, as on kernel overlayfs.
         if c.fsetid {
-            let ns = fs::read_link(format!("/proc/{}/ns/user", self.pid)).ok();
-            c.fsetid = ns.is_some() && ns == *init_userns();
+            let theirs = fs::read_link(format!("/proc/{}/ns/user", self.pid)).ok();
+            c.fsetid = theirs.is_some() && theirs == *own_userns();
+            c.fsetid_init = c.fsetid && in_init_userns();
         }
         c
     }
 }
 
-/// The initial user namespace, when the daemon runs in it (its uid map is the identity over
-/// all ids). pid 1's own link is not always readable, even by root.
-fn init_userns() -> &'static Option<std::path::PathBuf> {
-    static NS: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
-    NS.get_or_init(|| {
-        let map = fs::read_to_string("/proc/self/uid_map").ok()?;
-        let identity = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
-        identity.then(|| fs::read_link("/proc/self/ns/user").ok())?
+/// Is the daemon in the initial user namespace (its uid map the identity over all ids)?
+fn in_init_userns() -> bool {
+    static INIT: OnceLock<bool> = OnceLock::new();
+    *INIT.get_or_init(|| {
+        fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
     })
+}
+
+fn own_userns() -> &'static Option<std::path::PathBuf> {
+    static NS: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    NS.get_or_init(|| fs::read_link("/proc/self/ns/user").ok())
 }
 
 /// The groups and CAP_FSETID of a `/proc/PID/status` text.
@@ -122,9 +136,10 @@ pub fn to_clear(mode: u32, gid: u32, why: Kill, creds: impl FnOnce() -> Creds) -
         // chown_common: S_ISUID always; S_ISGID with group exec, or when the caller is
         // neither in the group nor capable (setattr_should_drop_sgid).
         Kill::Chown => bit(suid, S_ISUID) | bit(sgid && (exec || !(in_group || c.fsetid)), S_ISGID),
-        Kill::Data if c.fsetid => 0,
+        Kill::Write if c.fsetid => 0,
+        Kill::Truncate if c.fsetid_init => 0,
         // setattr_should_drop_suidgid for a caller without CAP_FSETID.
-        Kill::Data | Kill::Flagged => {
+        Kill::Write | Kill::Truncate | Kill::Flagged => {
             bit(suid, S_ISUID) | bit(sgid && (exec || !in_group), S_ISGID)
         }
     }
@@ -136,19 +151,31 @@ mod tests {
 
     fn who(fsetid: bool, groups: &[u32]) -> impl FnOnce() -> Creds {
         let groups = groups.to_vec();
-        move || Creds { fsetid, groups }
+        move || Creds {
+            fsetid,
+            fsetid_init: fsetid,
+            groups,
+        }
     }
 
     #[test]
     fn data_changes_follow_the_vfs() {
         // root with CAP_FSETID keeps everything
-        assert_eq!(to_clear(0o6755, 0, Kill::Data, who(true, &[0])), 0);
+        assert_eq!(to_clear(0o6755, 0, Kill::Write, who(true, &[0])), 0);
         // a user loses suid, and sgid with group exec
-        assert_eq!(to_clear(0o6755, 9, Kill::Data, who(false, &[9])), 0o6000);
+        assert_eq!(to_clear(0o6755, 9, Kill::Write, who(false, &[9])), 0o6000);
         // sgid without group exec stays for a member, goes for others
-        assert_eq!(to_clear(0o2644, 9, Kill::Data, who(false, &[9])), 0);
-        assert_eq!(to_clear(0o2644, 9, Kill::Data, who(false, &[8])), 0o2000);
-        assert_eq!(to_clear(0o6644, 9, Kill::Data, who(false, &[9])), 0o4000);
+        assert_eq!(to_clear(0o2644, 9, Kill::Write, who(false, &[9])), 0);
+        assert_eq!(to_clear(0o2644, 9, Kill::Write, who(false, &[8])), 0o2000);
+        assert_eq!(to_clear(0o6644, 9, Kill::Write, who(false, &[9])), 0o4000);
+        // root of a child namespace: keeps them on a write, loses them on a truncate
+        let ns_root = || Creds {
+            fsetid: true,
+            fsetid_init: false,
+            groups: vec![0],
+        };
+        assert_eq!(to_clear(0o6755, 0, Kill::Write, ns_root), 0);
+        assert_eq!(to_clear(0o6755, 0, Kill::Truncate, ns_root), 0o6000);
         // the kernel's flag means "not capable", whatever /proc says
         assert_eq!(to_clear(0o4755, 0, Kill::Flagged, who(true, &[0])), 0o4000);
     }
@@ -164,7 +191,7 @@ mod tests {
     #[test]
     fn no_bits_no_proc_read() {
         let c = || -> Creds { panic!("credentials read for a file with nothing to lose") };
-        assert_eq!(to_clear(0o755, 0, Kill::Data, c), 0);
+        assert_eq!(to_clear(0o755, 0, Kill::Write, c), 0);
     }
 
     #[test]

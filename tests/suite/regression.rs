@@ -1360,8 +1360,8 @@ fn storage_listings_into_a_closed_pipe_do_not_panic() {
 /// Found while enabling FUSE_HANDLE_KILLPRIV_V2 (issue #3): an `open(O_TRUNC)` of a setuid file
 /// by a user without CAP_FSETID kept S_ISUID (with atomic O_TRUNC the kernel leaves the kill to
 /// the daemon). Writes, truncates, O_TRUNC opens and chowns by users with and without
-/// CAP_FSETID, over suid, sgid (with and without group exec), file capabilities and a bit set
-/// again after a first write: modes and capabilities as kernel overlayfs leaves them, with
+/// CAP_FSETID (also root of a child user namespace), over suid, sgid (with and without group
+/// exec), file capabilities and a bit set again after a first write: modes and capabilities as kernel overlayfs leaves them, with
 /// passthrough and without, and again after a remount.
 #[test]
 fn suid_sgid_and_caps_are_killed_as_kernel_overlayfs_does() {
@@ -1384,6 +1384,8 @@ fn suid_sgid_and_caps_are_killed_as_kernel_overlayfs_does() {
         ("q", 0o2644, 65534),
         ("r", 0o2644, 0),
         ("s", 0o6755, 65534),
+        ("t", 0o6755, 0),
+        ("v", 0o6755, 0),
     ];
     let ops = r#"set -e; cd "$1"
 U() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
@@ -1406,6 +1408,7 @@ U chgrp 65534 q
 U chgrp 65534 r
 U sh -c 'echo x >> n'
 U sh -c 'exec 3<>s; echo y >&3'
+unshare --user --map-root-user sh -c 'echo x >> t; truncate -s 1 v'
 "#;
     let names: Vec<&str> = files.iter().map(|f| f.0).chain(["n"]).collect();
     let look = |dir: &Path| -> Vec<(String, String, String)> {
@@ -1425,9 +1428,14 @@ U sh -c 'exec 3<>s; echo y >&3'
     for variant in ["kernel", "stratafs", "stratafs-no-passthrough"] {
         let mut fx = Fixture::new(1);
         for (name, mode, gid) in files {
+            let uid = if *gid == 0 && matches!(*name, "t" | "v") {
+                0
+            } else {
+                65534
+            };
             fx.lower(0)
                 .file(name, b"data\n")
-                .chown(name, 65534, *gid)
+                .chown(name, uid, *gid)
                 .chmod(name, *mode);
         }
         let h = fx.lower(0).path("h");
