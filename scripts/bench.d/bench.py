@@ -531,6 +531,11 @@ def w_stat(c):
     c.record("stat", r["seconds"])
     if c.m.pid:
         c.b.rss_after_walk.setdefault(c.m.peer.key, []).append(proc_mem(c.m.pid)[0])
+    if c.m.pid and c.m.peer.key == "stratafs":
+        # Memory must not stay with removed entries: remove them all (untimed; stratafs only,
+        # the fuse-overlayfs builds take minutes for this at the full size) and look again.
+        c.untimed(["rm", "-rf", os.path.join(c.mnt, "bigdir")])
+        c.b.rss_after_rm.setdefault(c.m.peer.key, []).append(proc_mem(c.m.pid)[0])
 
 
 @workload("readdir", ["readdir-cold", "readdir-warm"])
@@ -680,6 +685,7 @@ class Bench:
         self.extra = {}    # row -> peer -> [extra dicts]
         self.dstats = {}   # workload -> peer -> [dict(cpu, hwm_kib, rss_kib)]
         self.rss_after_walk = {}
+        self.rss_after_rm = {}
         self.notes = []
 
     def next_tag(self):
@@ -878,6 +884,11 @@ def report(b, peers, workloads, repo):
                     parts.append(f"{p.label} {statistics.median(v) / 1024:.0f} MiB")
             L.append(f"Daemon RSS (VmRSS) right after lstat of {kcount(cfg, 'bigdir')} entries: "
                      + ", ".join(parts))
+            v = b.rss_after_rm.get("stratafs")
+            if v:
+                L.append("")
+                L.append(f"stratafs RSS right after `rm -rf` of those {kcount(cfg, 'bigdir')} "
+                         f"entries: {statistics.median(v) / 1024:.0f} MiB")
             L.append("")
     for n in b.notes:
         L.append(f"Note: {n}")
@@ -1144,7 +1155,8 @@ def main():
     with open(os.path.join(out, "latest.json"), "w") as f:
         json.dump(dict(cfg=b.cfg, peers=[p.key for p in peers], values=b.values,
                        fails=b.fails, extra=b.extra, daemon=b.dstats,
-                       rss_after_walk=b.rss_after_walk, notes=b.notes,
+                       rss_after_walk=b.rss_after_walk, rss_after_rm=b.rss_after_rm,
+                       notes=b.notes,
                        ratios=ratios), f, indent=1)
     log(f"wrote {out}/latest.md, latest.svg, latest.json ({b.elapsed / 60:.1f} min)")
     return 0

@@ -453,6 +453,7 @@ impl Filesystem for OverlayFs {
             Err(e) => return reply.error(errno(e)),
         };
         let ttl = self.ttl();
+        let mut added = false;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let next = (i + 1) as u64;
             if e.name == "." || e.name == ".." {
@@ -463,15 +464,29 @@ impl Filesystem for OverlayFs {
                 if reply.add(INodeNo(e.ino), next, &e.name, &ttl, &attr, GEN) {
                     break;
                 }
+                added = true;
                 continue;
             }
-            // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
-            let Ok((attr, id)) = guard(|| self.do_lookup(ino, &e.name)) else {
-                continue; // removed since the listing was taken
-            };
-            if reply.add(INodeNo(id), next, &e.name, &ttl, &attr, GEN) {
-                self.do_forget(INodeNo(id), 1);
+            // Past the fd budget this reply ends early: the kernel holds the directory's lock
+            // while it waits for us, and the reaper needs that lock to free fds. The rest
+            // comes in the next request, once the lock has been let go.
+            if added && self.over_fd_budget() {
                 break;
+            }
+            // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
+            match guard(|| self.do_lookup(ino, &e.name)) {
+                Ok((attr, id)) => {
+                    if reply.add(INodeNo(id), next, &e.name, &ttl, &attr, GEN) {
+                        self.do_forget(INodeNo(id), 1);
+                        break;
+                    }
+                    added = true;
+                }
+                // Removed since the listing was taken.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                // Never leave an entry out: send what is there, or the error.
+                Err(_) if added => break,
+                Err(e) => return reply.error(errno(e)),
             }
         }
         reply.ok();

@@ -46,6 +46,11 @@ impl Reaper {
         }
     }
 
+    /// Does the table hold more fds than the high-water mark?
+    pub fn over_high(&self) -> bool {
+        self.table.fds() > self.high
+    }
+
     /// Called after a node was added: wakes the reaper when the table is too big.
     pub fn kick(&self) {
         if self.table.fds() > self.high {
