@@ -40,69 +40,8 @@ pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
 
-/// fchmodat2 (Linux 6.6) acts on an O_PATH fd itself (`AT_EMPTY_PATH`) and spares the walk
-/// through `/proc/self/fd/N`; a kernel without it says ENOSYS once and the `/proc` path serves
-/// from then on. (The xattr `*at` calls of 6.13 refuse O_PATH fds with an empty path, EBADF, so
-/// xattrs keep the `/proc` path.)
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-))]
-mod at {
-    pub const FCHMODAT2: libc::c_long = 452;
-    pub const KNOWN: bool = true;
-}
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-)))]
-mod at {
-    pub const FCHMODAT2: libc::c_long = -1;
-    pub const KNOWN: bool = false;
-}
-
-static NO_FCHMODAT2: AtomicBool = AtomicBool::new(!at::KNOWN);
-
-/// Runs an fd-relative call unless `off` says the kernel lacks it; `None`: use the /proc path.
-fn at_call(off: &AtomicBool, call: impl FnOnce() -> libc::c_long) -> Option<io::Result<usize>> {
-    if off.load(Ordering::Relaxed) {
-        return None;
-    }
-    match cvt_size(call() as libc::ssize_t) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-            off.store(true, Ordering::Relaxed);
-            None
-        }
-        r => Some(r),
-    }
-}
-
-/// getxattr of the object behind any fd into `buf` (empty: ask the size).
-fn getxattr_raw(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
-    let ptr = if buf.is_empty() {
-        std::ptr::null_mut()
-    } else {
-        buf.as_mut_ptr()
-    };
-    let path = proc_fd_path(fd);
-    // SAFETY: `ptr` is writable for `buf.len()` bytes (a null pointer with size 0 asks the
-    // size); strings are NUL-terminated.
-    cvt_size(unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr.cast(), buf.len()) })
-}
-
-/// listxattr of the object behind any fd into `buf` (empty: ask the size).
-fn listxattr_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    let ptr: *mut libc::c_char = if buf.is_empty() {
-        std::ptr::null_mut()
-    } else {
-        buf.as_mut_ptr().cast()
-    };
-    let path = proc_fd_path(fd);
-    // SAFETY: as above, with a NUL-terminated path.
-    cvt_size(unsafe { libc::listxattr(path.as_ptr(), ptr, buf.len()) })
-}
+/// Set once fchmodat2 (Linux 6.6) said ENOSYS: `chmod_fd` takes the `/proc` path from then on.
+static NO_FCHMODAT2: AtomicBool = AtomicBool::new(false);
 
 pub fn open(path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     // SAFETY: `path` is a valid NUL-terminated string; the returned fd is new and owned by us.
@@ -250,22 +189,26 @@ pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Res
     .map(drop)
 }
 
-/// chmod of the object behind any fd (through /proc, so `O_PATH` fds work too).
+/// chmod of the object behind any fd, `O_PATH` fds too: fchmodat2 with `AT_EMPTY_PATH`, or
+/// through /proc where the kernel lacks it.
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
-    let r = at_call(&NO_FCHMODAT2, || {
+    if !NO_FCHMODAT2.load(Ordering::Relaxed) {
         // SAFETY: plain syscall on a live fd with a static empty name.
-        unsafe {
+        let ret = unsafe {
             libc::syscall(
-                at::FCHMODAT2,
+                libc::SYS_fchmodat2,
                 fd.as_raw_fd(),
                 c"".as_ptr(),
                 mode,
                 libc::AT_EMPTY_PATH,
             )
+        };
+        match cvt_size(ret as libc::ssize_t) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                NO_FCHMODAT2.store(true, Ordering::Relaxed);
+            }
+            r => return r.map(drop),
         }
-    });
-    if let Some(r) = r {
-        return r.map(drop);
     }
     let path = proc_fd_path(fd);
     // SAFETY: plain syscall on a NUL-terminated path.
@@ -309,8 +252,9 @@ fn timespec(t: SetTime) -> libc::timespec {
     }
 }
 
-/// Sets atime/mtime of the object behind any fd. Through /proc, so the object itself is
-/// changed even when it is a symlink (the magic link resolves to the link, not its target).
+/// Sets atime/mtime of the object behind any fd, the object itself even when it is a symlink:
+/// `AT_EMPTY_PATH` on the fd, or through /proc (the magic link resolves to the link, not its
+/// target) where the kernel refuses that flag here.
 pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Result<()> {
     let times = [timespec(atime), timespec(mtime)];
     // SAFETY: `times` is a valid array of two timespecs; the name is a static empty string.
@@ -334,10 +278,24 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Res
 /// Reads an xattr of the object behind any fd. `Ok(None)` when it is absent (or the filesystem
 /// has no xattrs at all).
 pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
+    let path = proc_fd_path(fd);
     let name = cstr(name)?;
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        match getxattr_raw(fd, &name, &mut buf) {
+        // SAFETY: `buf` is writable for `buf.len()` bytes (a null pointer with size 0 asks the size).
+        let ret = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                if buf.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr().cast()
+                },
+                buf.len(),
+            )
+        };
+        match cvt_size(ret) {
             Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
             Ok(n) => {
                 buf.truncate(n);
@@ -359,9 +317,22 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>
 
 /// Lists the xattr names of the object behind any fd.
 pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let path = proc_fd_path(fd);
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        match listxattr_raw(fd, &mut buf) {
+        // SAFETY: as in `get_xattr`.
+        let ret = unsafe {
+            libc::listxattr(
+                path.as_ptr(),
+                if buf.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr().cast()
+                },
+                buf.len(),
+            )
+        };
+        match cvt_size(ret) {
             Ok(0) => return Ok(Vec::new()),
             Ok(n) if buf.is_empty() => buf.resize(n, 0),
             Ok(n) => {
@@ -380,8 +351,8 @@ pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 }
 
 pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
-    let name = cstr(name)?;
     let path = proc_fd_path(fd);
+    let name = cstr(name)?;
     // SAFETY: `value` is readable for its whole length; strings are NUL-terminated.
     cvt(unsafe {
         libc::setxattr(
@@ -396,8 +367,8 @@ pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> 
 }
 
 pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let name = cstr(name)?;
     let path = proc_fd_path(fd);
+    let name = cstr(name)?;
     // SAFETY: strings are NUL-terminated.
     cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
 }

@@ -349,7 +349,7 @@ impl Filesystem for OverlayFs {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -361,7 +361,7 @@ impl Filesystem for OverlayFs {
         let kill = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             .then(|| caller(req));
-        match guard(|| self.do_write(fh.0, offset, data, kill.as_ref())) {
+        match guard(|| self.do_write(ino, fh.0, offset, data, kill.as_ref())) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -470,7 +470,7 @@ impl Filesystem for OverlayFs {
             // Past the fd budget this reply ends early: the kernel holds the directory's lock
             // while it waits for us, and the reaper needs that lock to free fds. The rest
             // comes in the next request, once the lock has been let go.
-            if added && self.over_fd_budget() {
+            if added && self.reaper.over_high() {
                 break;
             }
             // Each entry sent is a lookup the kernel counts; one that does not fit is undone.

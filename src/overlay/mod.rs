@@ -451,11 +451,6 @@ impl OverlayFs {
         Ok(Probe::Found(fd, st))
     }
 
-    /// Does the table hold more fds than the reaper's high-water mark?
-    fn over_fd_budget(&self) -> bool {
-        self.reaper.over_high()
-    }
-
     /// openat that, when the daemon is out of fds (EMFILE), has the reaper free some and
     /// tries again for up to five seconds instead of failing the lookup.
     fn openat_retry(&self, dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<OwnedFd> {

@@ -1197,13 +1197,14 @@ impl OverlayFs {
     /// CAP_FSETID (FUSE_WRITE_KILL_SUIDGID), so S_ISUID/S_ISGID go first.
     pub fn do_write(
         &self,
+        ino: INodeNo,
         fh: u64,
         offset: u64,
         data: &[u8],
         kill: Option<&Caller>,
     ) -> io::Result<u32> {
         if let Some(caller) = kill {
-            self.kill_flagged(fh, caller)?;
+            self.kill_privs(ino, Some(fh), caller, Kill::Flagged)?;
         }
         self.with_file(fh, |fd| {
             let mut done = 0;
@@ -1212,17 +1213,6 @@ impl OverlayFs {
             }
             Ok(done as u32)
         })
-    }
-
-    fn kill_flagged(&self, fh: u64, caller: &Caller) -> io::Result<()> {
-        let h = self.file(fh)?;
-        let Handle::File(FileHandle {
-            node: Some(node), ..
-        }) = &*h
-        else {
-            return Ok(());
-        };
-        self.kill_privs(INodeNo(node.st_ino), Some(fh), caller, Kill::Flagged)
     }
 
     /// The mode without the S_ISUID/S_ISGID that `why` takes from `caller`, if any goes.
@@ -1241,8 +1231,7 @@ impl OverlayFs {
             return Ok(None);
         }
         let perm = u32::from(shown.perm);
-        let creds = || caller.creds();
-        let clear = privs::to_clear(perm, shown.gid, why, creds);
+        let clear = privs::to_clear(perm, shown.gid, why, || caller.creds());
         Ok((clear != 0).then_some(perm & !clear))
     }
 
