@@ -53,7 +53,7 @@ impl Reaper {
 
     /// Called after a node was added: wakes the reaper when the table is too big.
     pub fn kick(&self) {
-        if self.table.fds() > self.high {
+        if self.over_high() {
             let mut k = self.kicked.lock();
             if !*k {
                 *k = true;
