@@ -6,7 +6,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
@@ -26,6 +26,9 @@ pub struct Node {
     pub is_dir: bool,
     /// Kernel lookup count; the node is dropped from the table when it reaches zero.
     lookups: AtomicU64,
+    /// The reaper asked the kernel to forget this node and no lookup came since: its FORGET is
+    /// on the way (or the entry is in use, and goes once it is let go), so it is not asked again.
+    reap_asked: AtomicBool,
     /// Layer state; read far more often than written.
     pub state: RwLock<NodeState>,
     /// Serialises copy-up of this node, so two writers never copy it twice. Only this node's
@@ -188,11 +191,18 @@ impl Node {
             st_ino,
             is_dir,
             lookups: AtomicU64::new(0),
+            reap_asked: AtomicBool::new(false),
             state: RwLock::new(state),
             copy_lock: Mutex::new(()),
             io: Mutex::new(NodeIo::default()),
             opens: AtomicU64::new(0),
         }
+    }
+
+    /// One more kernel lookup of a node in the table.
+    fn looked_up(&self) {
+        self.lookups.fetch_add(1, Ordering::AcqRel);
+        self.reap_asked.store(false, Ordering::Relaxed);
     }
 }
 
@@ -249,7 +259,7 @@ impl InodeTable {
         match self.by_id.entry(st_ino) {
             Entry::Occupied(mut e) => {
                 if e.get().is_dir == is_dir {
-                    e.get().lookups.fetch_add(1, Ordering::AcqRel);
+                    e.get().looked_up();
                     return (e.get().clone(), true);
                 }
                 // The number now names an object of another type: the old node is stale.
@@ -275,7 +285,7 @@ impl InodeTable {
     pub fn reference(&self, node: &Arc<Node>) -> Arc<Node> {
         match self.by_id.entry(node.st_ino) {
             Entry::Occupied(e) => {
-                e.get().lookups.fetch_add(1, Ordering::AcqRel);
+                e.get().looked_up();
                 e.get().clone()
             }
             Entry::Vacant(e) => {
@@ -346,7 +356,8 @@ impl InodeTable {
     }
 
     /// Up to `n` (parent st_ino, name) pairs of nodes the kernel could forget, files first:
-    /// the reaper invalidates these entries to keep the daemon's fds bounded.
+    /// the reaper invalidates these entries to keep the daemon's fds bounded. A node handed
+    /// out is not handed out again until the kernel looks it up again.
     pub fn victims(&self, n: usize) -> Vec<(u64, OsString)> {
         let mut files = Vec::with_capacity(n);
         let mut dirs = Vec::new();
@@ -355,22 +366,29 @@ impl InodeTable {
                 break;
             }
             let node = e.value();
+            if node.reap_asked.load(Ordering::Relaxed) {
+                continue;
+            }
             let Some(s) = node.state.try_read() else {
                 continue;
             };
             let Some(parent) = &s.parent else { continue };
-            let entry = (parent.st_ino, s.name.clone());
-            if node.is_dir {
-                if dirs.len() < n {
-                    dirs.push(entry);
-                }
-            } else {
+            let entry = (node.clone(), parent.st_ino, s.name.clone());
+            if !node.is_dir {
                 files.push(entry);
+            } else if dirs.len() < n {
+                dirs.push(entry);
             }
         }
         let missing = n.saturating_sub(files.len());
         files.extend(dirs.into_iter().take(missing));
         files
+            .into_iter()
+            .map(|(node, parent, name)| {
+                node.reap_asked.store(true, Ordering::Relaxed);
+                (parent, name)
+            })
+            .collect()
     }
 
     /// Does the table still hold the fd of a removed upper object? Its space comes back

@@ -451,16 +451,18 @@ impl OverlayFs {
         Ok(Probe::Found(fd, st))
     }
 
-    /// openat that, when the daemon is out of fds (EMFILE), has the reaper free some and
-    /// tries again for up to five seconds instead of failing the lookup.
+    /// openat that, when the daemon is out of fds (EMFILE), takes one of the reaper's spare
+    /// fds, or once those are spent has the reaper free some and tries again for up to five
+    /// seconds, instead of failing the lookup.
     fn openat_retry(&self, dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<OwnedFd> {
         let mut tries = 0;
         loop {
             match sys::openat(dir, name, flags, 0) {
                 Err(e) if e.raw_os_error() == Some(libc::EMFILE) && tries < 500 => {
-                    tries += 1;
-                    self.reaper.kick_now();
-                    std::thread::sleep(Duration::from_millis(10));
+                    if !self.reaper.give_up_spare() {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
                 r => return r,
             }
@@ -875,6 +877,18 @@ impl OverlayFs {
 
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// The timeout of an entry a lookup hands the kernel. Past the fd budget it is zero: the
+    /// kernel then drops the entry (and FORGETs its inode, closing the node's fd) as soon as
+    /// the last user lets go of it, without waiting for the reaper, whose invalidations need
+    /// the directory's lock a walk in that directory keeps taking.
+    pub fn entry_ttl(&self) -> Duration {
+        if self.reaper.over_high() {
+            Duration::ZERO
+        } else {
+            self.ttl
+        }
     }
 }
 

@@ -6,7 +6,14 @@
 //! the kernel to drop cached entries (`FUSE_NOTIFY_INVAL_ENTRY`); the kernel then evicts the
 //! unused inodes and sends FORGET, which closes their fds. Entries in use stay; names are
 //! looked up again on the next access.
+//!
+//! A lookup that still meets EMFILE holds the kernel's lock of its directory while it waits,
+//! and the reaper's FUSE_NOTIFY_INVAL_ENTRY for any entry of that directory needs the same
+//! lock: waiting there would stall both. So the reaper keeps a reserve of fds (of /dev/null)
+//! that such a lookup closes one at a time to go on at once; the reserve is refilled once the
+//! table is back under its low mark.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +32,9 @@ pub struct Reaper {
     low: usize,
     kicked: Mutex<bool>,
     cv: Condvar,
+    /// Spare fds given up one by one to lookups that meet EMFILE.
+    reserve: Mutex<Vec<OwnedFd>>,
+    reserve_size: usize,
 }
 
 impl Reaper {
@@ -37,12 +47,34 @@ impl Reaper {
         let limit = usize::try_from(fd_limit).unwrap_or(usize::MAX).min(1 << 20);
         // At least 512 stay free: lookups can outrun the reaper by that much.
         let high = (limit * 3 / 4).min(limit.saturating_sub(512)).max(128);
-        Reaper {
+        let reaper = Reaper {
             table,
             high,
             low: (high * 4 / 5).max(64),
             kicked: Mutex::new(false),
             cv: Condvar::new(),
+            reserve: Mutex::new(Vec::new()),
+            reserve_size: (limit / 16).min(256),
+        };
+        reaper.refill();
+        reaper
+    }
+
+    /// Closes one spare fd so that a caller that met EMFILE can retry at once; false when the
+    /// reserve is spent. Also wakes the reaper.
+    pub fn give_up_spare(&self) -> bool {
+        self.kick_now();
+        self.reserve.lock().pop().is_some()
+    }
+
+    /// Tops the reserve up to its size (best effort: an fd it cannot open now, it opens later).
+    fn refill(&self) {
+        let mut r = self.reserve.lock();
+        while r.len() < self.reserve_size {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => r.push(OwnedFd::from(f)),
+                Err(_) => break,
+            }
         }
     }
 
@@ -63,7 +95,7 @@ impl Reaper {
     }
 
     /// Wakes the reaper whatever the table's size (the daemon ran out of fds).
-    pub fn kick_now(&self) {
+    fn kick_now(&self) {
         let mut k = self.kicked.lock();
         if !*k {
             *k = true;
@@ -81,27 +113,33 @@ impl Reaper {
                 }
                 *k = false;
             }
-            let mut stalled = 0;
-            while self.table.fds() > self.low && stalled < 5 {
+            // Lookups go on while the reaper works (a serial lstat walk makes tens of
+            // thousands a second): ask for what is over the low mark now, give the kernel a
+            // millisecond to evict and send FORGETs, and ask again. Nodes already asked are
+            // not asked twice; the reaper goes back to sleep below the low mark, or when for a
+            // while there was nothing left to ask and nothing came back. (Fixed 20 ms pauses
+            // between rounds let a walk run through the fds left, EMFILE, in between.)
+            let mut idle = 0;
+            while self.table.fds() > self.low && idle < 200 {
                 let before = self.table.fds();
-                // Each node holds at least one fd: this many victims bring the table down.
-                let want = before - self.low;
-                for (parent, name) in self.table.victims(want) {
+                let victims = self.table.victims(before - self.low);
+                let asked = victims.len();
+                for (parent, name) in victims {
                     if parent == ROOT_ID && name.is_empty() {
                         continue;
                     }
                     // ENOENT (already gone) and EBUSY-like refusals are fine: best effort.
-                    if notifier.inval_entry(INodeNo(parent), &name).is_err() {
-                        continue;
-                    }
+                    let _ = notifier.inval_entry(INodeNo(parent), &name);
                 }
-                // Let the kernel evict and send its FORGETs.
-                std::thread::sleep(Duration::from_millis(20));
-                if self.table.fds() >= before {
-                    stalled += 1;
+                std::thread::sleep(Duration::from_millis(1));
+                if asked == 0 && self.table.fds() >= before {
+                    idle += 1;
                 } else {
-                    stalled = 0;
+                    idle = 0;
                 }
+            }
+            if self.table.fds() <= self.low {
+                self.refill();
             }
         }
     }
