@@ -153,6 +153,17 @@ class Volume:
         os.makedirs(self.root, exist_ok=True)
         if is_mounted(self.root):  # left by a run that died
             run(["umount", self.root], 120)
+        # A file attached to a loop device already (a run that died, or a mount by hand):
+        # detach what is not mounted; one mounted elsewhere must not be mounted twice.
+        attached = run(["losetup", "-n", "-O", "NAME", "-j", self.file], 60).split() \
+            if os.path.exists(self.file) else []
+        for dev in attached:
+            rdev = os.stat(dev).st_rdev
+            with open("/proc/self/mountinfo") as f:
+                mounted = any(line.split()[2] == f"{os.major(rdev)}:{os.minor(rdev)}" for line in f)
+            if mounted:
+                raise OpFailed(f"{self.file} is mounted through {dev} elsewhere; unmount it first")
+            run(["losetup", "-d", dev], 60)
         if not os.path.exists(self.file):
             log(f"making the bench volume {self.file} (sparse, {VOLUME_GIB} GiB, ext4 with journal)")
             with open(self.file + ".tmp", "wb") as f:
