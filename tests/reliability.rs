@@ -194,6 +194,17 @@ struct Mount {
 
 impl Mount {
     fn new(lowers: &[&Path], upper: Option<(&Path, &Path)>, mnt: &Path, extra: &str) -> Mount {
+        Mount::with_env(lowers, upper, mnt, extra, &[])
+    }
+
+    /// A mount whose daemon runs with `env` added to its environment.
+    fn with_env(
+        lowers: &[&Path],
+        upper: Option<(&Path, &Path)>,
+        mnt: &Path,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Mount {
         let mut o = format!(
             "lowerdir={}",
             lowers
@@ -215,6 +226,7 @@ impl Mount {
         }
         mkdirs(mnt);
         let out = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("-o")
             .arg(&o)
             .arg(mnt)
@@ -1459,6 +1471,127 @@ fn faults_dead_lower_layer() {
         inner_m.umount();
     }
     assert!(!is_mounted(&inner), "the dead inner mount is still mounted");
+}
+
+#[test]
+fn faults_read_errors_below_reach_the_caller_and_leave_no_half_copy() {
+    // The lower layer is itself a (read-only) stratafs mount whose READs of `bad` fail with
+    // EIO, as a bad block of a lower disk would. Reads through the outer mount must
+    // fail with EIO (never a short or zeroed read), a copy-up that needs the data must fail
+    // and leave the upper layer as it was (a metadata-only copy stays metadata-only, reads
+    // still going below), and everything else keeps working.
+    let _s = serial();
+    let t = tmpdir();
+    let (base, inner, upper, work, mnt) = (
+        t.path().join("base"),
+        t.path().join("inner"),
+        t.path().join("upper"),
+        t.path().join("work"),
+        t.path().join("mnt"),
+    );
+    for p in [&base, &upper, &work] {
+        mkdirs(p);
+    }
+    let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for name in ["bad", "good"] {
+        fs::write(base.join(name), &data).unwrap();
+        fs::set_permissions(base.join(name), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let inner_m = Mount::with_env(
+        &[&base],
+        None,
+        &inner,
+        "",
+        &[("STRATAFS_FAILPOINT", "eio-read:bad")],
+    );
+    let outer = Mount::new(&[&inner], Some((&upper, &work)), &mnt, "");
+    let pid = outer.pid();
+    expect_errno(
+        "read through the faulty layer itself",
+        fs::read(inner.join("bad")).map(|d| d.len()),
+        &[libc::EIO],
+    );
+    expect_errno(
+        "read of a file with a bad block",
+        fs::read(mnt.join("bad")).map(|d| d.len()),
+        &[libc::EIO],
+    );
+    assert_eq!(
+        fs::read(mnt.join("good")).unwrap(),
+        data,
+        "a healthy file reads whole"
+    );
+    // A full copy-up (append) needs the data: it fails, and nothing of it is left.
+    expect_errno(
+        "copy-up of a file with a bad block",
+        OpenOptions::new()
+            .append(true)
+            .open(mnt.join("bad"))
+            .and_then(|mut f| f.write_all(b"x")),
+        &[libc::EIO],
+    );
+    assert!(
+        !upper.join("bad").exists(),
+        "a failed copy-up left bad in the upper layer"
+    );
+    let st = fs::metadata(mnt.join("bad")).unwrap();
+    assert_eq!((st.len(), st.mode() & 0o7777), (data.len() as u64, 0o644));
+    // A metadata-only copy-up needs no data: it works; the first write then needs the data,
+    // fails, and leaves the metadata-only copy as it was, reads still going below.
+    fs::set_permissions(mnt.join("bad"), fs::Permissions::from_mode(0o600)).unwrap();
+    let before = fs::read_dir(&upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect::<Vec<_>>();
+    expect_errno(
+        "first write to a metadata-only copy of a file with a bad block",
+        OpenOptions::new()
+            .write(true)
+            .open(mnt.join("bad"))
+            .and_then(|mut f| f.write_all(b"y")),
+        &[libc::EIO],
+    );
+    let st = fs::metadata(mnt.join("bad")).unwrap();
+    assert_eq!((st.len(), st.mode() & 0o7777), (data.len() as u64, 0o600));
+    expect_errno(
+        "read after the failed data copy",
+        fs::read(mnt.join("bad")).map(|d| d.len()),
+        &[libc::EIO],
+    );
+    let after = fs::read_dir(&upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect::<Vec<_>>();
+    assert_eq!(before, after, "the upper layer changed");
+    assert_eq!(
+        fs::metadata(upper.join("bad")).unwrap().len(),
+        data.len() as u64,
+        "the metadata-only copy keeps its size"
+    );
+    let leftovers = fs::read_dir(work.join("work"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0, "scratch files left in workdir/work");
+    // Everything else goes on: a healthy file copies up and takes the write.
+    OpenOptions::new()
+        .append(true)
+        .open(mnt.join("good"))
+        .and_then(|mut f| f.write_all(b"z"))
+        .expect("append to a healthy lower file");
+    assert_eq!(fs::read(mnt.join("good")).unwrap().len(), data.len() + 1);
+    assert_alive(&outer, pid, "read errors from a lower layer");
+    outer.umount();
+    drop(outer);
+    let t0 = Instant::now();
+    while alive(pid) && t0.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    inner_m.umount();
+    assert_eq!(
+        fs::read(base.join("bad")).unwrap(),
+        data,
+        "the base layer changed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -80,19 +80,28 @@ fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     }
 }
 
-/// Test hook: with `STRATAFS_FAILPOINT=panic-lookup:NAME` in the daemon's environment, a
-/// LOOKUP of NAME panics inside its handler, so tests can check that [`guard`] fails that
-/// request alone. Read once; unset (the normal case) it costs one load per lookup.
-fn failpoint_panic_lookup(name: &OsStr) -> bool {
+/// Test hooks, from `STRATAFS_FAILPOINT=KIND:NAME` in the daemon's environment, read once
+/// (unset, the normal case, a check costs one load):
+/// - `panic-lookup:NAME`: a LOOKUP of NAME panics inside its handler, so tests can check that
+///   [`guard`] fails that request alone;
+/// - `eio-read:NAME`: every READ of a file last seen under the name NAME fails with EIO, as a
+///   bad block of a lower disk would, for a mount stacked on this one.
+fn failpoint(kind: &str) -> Option<&'static OsStr> {
     use std::os::unix::ffi::OsStrExt;
-    static NAME: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
-    NAME.get_or_init(|| {
-        let v = std::env::var_os("STRATAFS_FAILPOINT")?;
-        let n = v.as_bytes().strip_prefix(b"panic-lookup:")?;
-        Some(OsStr::from_bytes(n).to_os_string())
-    })
-    .as_deref()
-        == Some(name)
+    static FP: std::sync::OnceLock<Option<(String, std::ffi::OsString)>> =
+        std::sync::OnceLock::new();
+    let (k, name) = FP
+        .get_or_init(|| {
+            let v = std::env::var_os("STRATAFS_FAILPOINT")?;
+            let at = v.as_bytes().iter().position(|&b| b == b':')?;
+            let (k, n) = v.as_bytes().split_at(at);
+            Some((
+                String::from_utf8_lossy(k).into_owned(),
+                OsStr::from_bytes(&n[1..]).to_os_string(),
+            ))
+        })
+        .as_ref()?;
+    (k == kind).then_some(name.as_os_str())
 }
 
 impl Filesystem for OverlayFs {
@@ -132,7 +141,7 @@ impl Filesystem for OverlayFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let res = guard(|| {
-            if failpoint_panic_lookup(name) {
+            if failpoint("panic-lookup") == Some(name) {
                 panic!("failpoint panic-lookup:{}", name.to_string_lossy());
             }
             self.do_lookup(parent, name)
@@ -332,7 +341,7 @@ impl Filesystem for OverlayFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -340,6 +349,11 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(bad) = failpoint("eio-read")
+            && self.node(ino).is_ok_and(|n| n.state.read().name == bad)
+        {
+            return reply.error(Errno::EIO);
+        }
         match guard(|| self.do_read(fh.0, offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
