@@ -147,7 +147,7 @@ impl Filesystem for OverlayFs {
             self.do_lookup(parent, name)
         });
         match res {
-            Ok((attr, _)) => reply.entry(&self.entry_ttl(), &attr, GEN),
+            Ok((attr, _)) => reply.entry(&self.entry_ttl(&attr), &attr, GEN),
             // Node id 0 is a negative entry the kernel may cache: every change of this name
             // goes through the kernel, which drops it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -490,7 +490,14 @@ impl Filesystem for OverlayFs {
             // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
             match guard(|| self.do_lookup(ino, &e.name)) {
                 Ok((attr, id)) => {
-                    if reply.add(INodeNo(id), next, &e.name, &self.entry_ttl(), &attr, GEN) {
+                    if reply.add(
+                        INodeNo(id),
+                        next,
+                        &e.name,
+                        &self.entry_ttl(&attr),
+                        &attr,
+                        GEN,
+                    ) {
                         self.do_forget(INodeNo(id), 1);
                         break;
                     }

@@ -879,12 +879,14 @@ impl OverlayFs {
         self.ttl
     }
 
-    /// The timeout of an entry a lookup hands the kernel. Past the fd budget it is zero: the
-    /// kernel then drops the entry (and FORGETs its inode, closing the node's fd) as soon as
-    /// the last user lets go of it, without waiting for the reaper, whose invalidations need
-    /// the directory's lock a walk in that directory keeps taking.
-    pub fn entry_ttl(&self) -> Duration {
-        if self.reaper.over_high() {
+    /// The timeout of an entry a lookup hands the kernel. Past the fd budget a non-directory's
+    /// is zero: the kernel then drops the entry (and FORGETs its inode, closing the node's fd)
+    /// as soon as the last user lets go of it, without waiting for the reaper, whose
+    /// invalidations need the directory's lock a walk in that directory keeps taking.
+    /// Directories keep theirs: a zero timeout would make every path walk through them look
+    /// them up again, and they are few.
+    pub fn entry_ttl(&self, attr: &FileAttr) -> Duration {
+        if attr.kind != FileType::Directory && self.reaper.over_high() {
             Duration::ZERO
         } else {
             self.ttl
