@@ -29,6 +29,10 @@ pub struct Node {
     /// The reaper asked the kernel to forget this node and no lookup came since: its FORGET is
     /// on the way (or the entry is in use, and goes once it is let go), so it is not asked again.
     reap_asked: AtomicBool,
+    /// The table's lookup clock at this node's last kernel lookup: the reaper asks the kernel
+    /// to forget the longest unused first (and so stays out of the directories being walked,
+    /// whose locks its invalidations would wait for).
+    used: AtomicU64,
     /// Layer state; read far more often than written.
     pub state: RwLock<NodeState>,
     /// Serialises copy-up of this node, so two writers never copy it twice. Only this node's
@@ -192,6 +196,7 @@ impl Node {
             is_dir,
             lookups: AtomicU64::new(0),
             reap_asked: AtomicBool::new(false),
+            used: AtomicU64::new(0),
             state: RwLock::new(state),
             copy_lock: Mutex::new(()),
             io: Mutex::new(NodeIo::default()),
@@ -199,10 +204,11 @@ impl Node {
         }
     }
 
-    /// One more kernel lookup of a node in the table.
-    fn looked_up(&self) {
+    /// One more kernel lookup of a node in the table, at lookup clock `tick`.
+    fn looked_up(&self, tick: u64) {
         self.lookups.fetch_add(1, Ordering::AcqRel);
         self.reap_asked.store(false, Ordering::Relaxed);
+        self.used.store(tick, Ordering::Relaxed);
     }
 }
 
@@ -215,6 +221,8 @@ pub struct InodeTable {
     by_id: DashMap<u64, Arc<Node>>,
     /// Sum of the nodes' weights: about the fds the table holds (what the reaper bounds).
     fds: AtomicUsize,
+    /// Counts kernel lookups; a node's `used` is this clock at its last one.
+    clock: AtomicU64,
     /// Where forgotten nodes were last seen, so a file handle (`open_by_handle_at`, NFS
     /// export) that outlived the kernel's inode can find its object again. Bounded.
     past: Mutex<PastNames>,
@@ -235,6 +243,7 @@ impl InodeTable {
         let table = InodeTable {
             by_id: DashMap::new(),
             fds: AtomicUsize::new(0),
+            clock: AtomicU64::new(0),
             past: Mutex::new(PastNames::default()),
         };
         let node = Arc::new(Node::new(ROOT_ID, true, root));
@@ -256,15 +265,17 @@ impl InodeTable {
         is_dir: bool,
         make: impl FnOnce() -> NodeState,
     ) -> (Arc<Node>, bool) {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         match self.by_id.entry(st_ino) {
             Entry::Occupied(mut e) => {
                 if e.get().is_dir == is_dir {
-                    e.get().looked_up();
+                    e.get().looked_up(tick);
                     return (e.get().clone(), true);
                 }
                 // The number now names an object of another type: the old node is stale.
                 let node = Arc::new(Node::new(st_ino, is_dir, make()));
                 node.lookups.store(1, Ordering::Relaxed);
+                node.used.store(tick, Ordering::Relaxed);
                 self.fds.fetch_add(node.weight, Ordering::Relaxed);
                 let old = e.insert(node.clone());
                 self.fds.fetch_sub(old.weight, Ordering::Relaxed);
@@ -273,6 +284,7 @@ impl InodeTable {
             Entry::Vacant(e) => {
                 let node = Arc::new(Node::new(st_ino, is_dir, make()));
                 node.lookups.store(1, Ordering::Relaxed);
+                node.used.store(tick, Ordering::Relaxed);
                 self.fds.fetch_add(node.weight, Ordering::Relaxed);
                 e.insert(node.clone());
                 (node, false)
@@ -283,13 +295,15 @@ impl InodeTable {
     /// Counts one kernel lookup on a node the caller already holds (`.` and `..` lookups),
     /// putting it back in the table if it had been forgotten.
     pub fn reference(&self, node: &Arc<Node>) -> Arc<Node> {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         match self.by_id.entry(node.st_ino) {
             Entry::Occupied(e) => {
-                e.get().looked_up();
+                e.get().looked_up(tick);
                 e.get().clone()
             }
             Entry::Vacant(e) => {
                 node.lookups.store(1, Ordering::Release);
+                node.used.store(tick, Ordering::Relaxed);
                 self.fds.fetch_add(node.weight, Ordering::Relaxed);
                 e.insert(node.clone());
                 node.clone()
@@ -355,38 +369,31 @@ impl InodeTable {
         }
     }
 
-    /// Up to `n` (parent st_ino, name) pairs of nodes the kernel could forget, files first:
-    /// the reaper invalidates these entries to keep the daemon's fds bounded. A node handed
-    /// out is not handed out again until the kernel looks it up again.
+    /// Up to `n` (parent st_ino, name) pairs of nodes the kernel could forget, files before
+    /// directories and each the longest unused first: the reaper invalidates these entries to
+    /// keep the daemon's fds bounded. A node handed out is not handed out again until the
+    /// kernel looks it up again.
     pub fn victims(&self, n: usize) -> Vec<(u64, OsString)> {
-        let mut files = Vec::with_capacity(n);
-        let mut dirs = Vec::new();
-        for e in self.by_id.iter() {
-            if files.len() >= n {
-                break;
-            }
-            let node = e.value();
-            if node.reap_asked.load(Ordering::Relaxed) {
-                continue;
-            }
-            let Some(s) = node.state.try_read() else {
-                continue;
-            };
-            let Some(parent) = &s.parent else { continue };
-            let entry = (node.clone(), parent.st_ino, s.name.clone());
-            if !node.is_dir {
-                files.push(entry);
-            } else if dirs.len() < n {
-                dirs.push(entry);
-            }
+        let mut cands: Vec<(bool, u64, Arc<Node>)> = self
+            .by_id
+            .iter()
+            .filter(|e| e.key() != &ROOT_ID && !e.value().reap_asked.load(Ordering::Relaxed))
+            .map(|e| {
+                let node = e.value();
+                (node.is_dir, node.used.load(Ordering::Relaxed), node.clone())
+            })
+            .collect();
+        if cands.len() > n {
+            cands.select_nth_unstable_by_key(n, |c| (c.0, c.1));
+            cands.truncate(n);
         }
-        let missing = n.saturating_sub(files.len());
-        files.extend(dirs.into_iter().take(missing));
-        files
+        cands
             .into_iter()
-            .map(|(node, parent, name)| {
+            .filter_map(|(_, _, node)| {
+                let s = node.state.try_read()?;
+                let entry = (s.parent.as_ref()?.st_ino, s.name.clone());
                 node.reap_asked.store(true, Ordering::Relaxed);
-                (parent, name)
+                Some(entry)
             })
             .collect()
     }
