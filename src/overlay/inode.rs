@@ -374,13 +374,16 @@ impl InodeTable {
     /// keep the daemon's fds bounded. A node handed out is not handed out again until the
     /// kernel looks it up again.
     pub fn victims(&self, n: usize) -> Vec<(u64, OsString)> {
-        let mut cands: Vec<(bool, u64, Arc<Node>)> = self
+        let mut cands: Vec<(bool, u64, u64)> = self
             .by_id
             .iter()
             .filter(|e| e.key() != &ROOT_ID && !e.value().reap_asked.load(Ordering::Relaxed))
             .map(|e| {
-                let node = e.value();
-                (node.is_dir, node.used.load(Ordering::Relaxed), node.clone())
+                (
+                    e.value().is_dir,
+                    e.value().used.load(Ordering::Relaxed),
+                    *e.key(),
+                )
             })
             .collect();
         if cands.len() > n {
@@ -389,7 +392,8 @@ impl InodeTable {
         }
         cands
             .into_iter()
-            .filter_map(|(_, _, node)| {
+            .filter_map(|(_, _, id)| {
+                let node = self.get(id)?;
                 let s = node.state.try_read()?;
                 let entry = (s.parent.as_ref()?.st_ino, s.name.clone());
                 node.reap_asked.store(true, Ordering::Relaxed);

@@ -114,13 +114,16 @@ impl Reaper {
                 *k = false;
             }
             // Lookups go on while the reaper works (a serial lstat walk makes tens of
-            // thousands a second): ask for what is over the low mark now, give the kernel a
-            // millisecond to evict and send FORGETs, and ask again. Nodes already asked are
-            // not asked twice; the reaper goes back to sleep below the low mark, or when for a
-            // while there was nothing left to ask and nothing came back. (Fixed 20 ms pauses
-            // between rounds let a walk run through the fds left, EMFILE, in between.)
+            // thousands a second): ask for what is over the low mark now, then watch for
+            // FORGETs in 1 ms steps, and ask again once they stop coming or new lookups
+            // have eaten a quarter of the gap between the marks. Choosing victims scans the
+            // table, so rounds must not be back to back while FORGETs are still on the way.
+            // Nodes already asked are not asked twice; the reaper goes back to sleep below
+            // the low mark, or when for a while there was nothing left to ask and nothing
+            // came back. (Fixed 20 ms pauses let a walk run through the fds left, EMFILE.)
+            let slack = ((self.high - self.low) / 4).max(16);
             let mut idle = 0;
-            while self.table.fds() > self.low && idle < 200 {
+            while self.table.fds() > self.low && idle < 25 {
                 let before = self.table.fds();
                 let victims = self.table.victims(before - self.low);
                 let asked = victims.len();
@@ -131,7 +134,15 @@ impl Reaper {
                     // ENOENT (already gone) and EBUSY-like refusals are fine: best effort.
                     let _ = notifier.inval_entry(INodeNo(parent), &name);
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                let mut last = self.table.fds();
+                for _ in 0..20 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    let now = self.table.fds();
+                    if now <= self.low || now > last + slack || (asked > 0 && now >= last) {
+                        break;
+                    }
+                    last = now;
+                }
                 if asked == 0 && self.table.fds() >= before {
                     idle += 1;
                 } else {
