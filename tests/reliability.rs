@@ -1395,22 +1395,24 @@ fn faults_errors_from_layers_reach_the_caller() {
     );
 }
 
+/// base (the inner mount's lower), inner (its mountpoint, the outer's lower), upper, work, mnt
+/// under `root`, for a mount stacked on another; base, upper and work are made.
+fn stacked_dirs(root: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let [base, inner, upper, work, mnt] =
+        ["base", "inner", "upper", "work", "mnt"].map(|n| root.join(n));
+    for p in [&base, &upper, &work] {
+        mkdirs(p);
+    }
+    (base, inner, upper, work, mnt)
+}
+
 #[test]
 fn faults_dead_lower_layer() {
     // The lower layer is itself a FUSE mount whose daemon dies: every access below fails with
     // ENOTCONN. The outer daemon must pass an error on and stay up.
     let _s = serial();
     let t = tmpdir();
-    let (base, inner, upper, work, mnt) = (
-        t.path().join("base"),
-        t.path().join("inner"),
-        t.path().join("upper"),
-        t.path().join("work"),
-        t.path().join("mnt"),
-    );
-    for p in [&base, &upper, &work] {
-        mkdirs(p);
-    }
+    let (base, inner, upper, work, mnt) = stacked_dirs(t.path());
     mkdirs(&base.join("d"));
     fs::write(base.join("seen"), b"seen").unwrap();
     fs::write(base.join("unseen"), b"unseen").unwrap();
@@ -1482,16 +1484,7 @@ fn faults_read_errors_below_reach_the_caller_and_leave_no_half_copy() {
     // still going below), and everything else keeps working.
     let _s = serial();
     let t = tmpdir();
-    let (base, inner, upper, work, mnt) = (
-        t.path().join("base"),
-        t.path().join("inner"),
-        t.path().join("upper"),
-        t.path().join("work"),
-        t.path().join("mnt"),
-    );
-    for p in [&base, &upper, &work] {
-        mkdirs(p);
-    }
+    let (base, inner, upper, work, mnt) = stacked_dirs(t.path());
     let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
     for name in ["bad", "good"] {
         fs::write(base.join(name), &data).unwrap();
