@@ -128,6 +128,17 @@ def is_mounted(path):
     return path in mounts_under(path)
 
 
+def unmount_under(prefix, say=False):
+    """Unmounts everything at or below `prefix`, deepest first, lazily where a plain
+    umount fails."""
+    for mp in sorted(mounts_under(prefix), reverse=True):
+        if say:
+            log(f"cleanup: unmounting {mp}")
+        subprocess.run(["umount", mp], stderr=subprocess.DEVNULL)
+        if is_mounted(mp):
+            subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+
+
 # ---------------------------------------------------------------------------------
 # The volume the image and every mount's upper/work live on
 
@@ -182,11 +193,7 @@ class Volume:
         return self
 
     def __exit__(self, *_exc):
-        if is_mounted(self.root):
-            for mp in sorted(mounts_under(self.root), reverse=True):
-                subprocess.run(["umount", mp], stderr=subprocess.DEVNULL)
-                if is_mounted(mp):
-                    subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+        unmount_under(self.root)
         if self.loop:
             subprocess.run(["losetup", "-d", self.loop], stderr=subprocess.DEVNULL)
             self.loop = None
@@ -756,7 +763,6 @@ class Bench:
         if args.rounds:
             self.cfg["rounds"] = args.rounds
         self.cache = args.cache
-        self.data = None     # where the image and runroot live (the volume, or the cache)
         self.fs_desc = "?"
         self.runroot = None
         self.tag = 0
@@ -796,7 +802,6 @@ class Bench:
                 self.extra.setdefault(r, {}).setdefault(peer.key, []).append(x)
 
     def main(self, peers, workloads, data):
-        self.data = data
         fstype = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", data],
                                 capture_output=True, text=True).stdout.split()
         if self.args.fs == "ext4":
@@ -1230,11 +1235,7 @@ def main():
             b.main(peers, workloads, vol.root)
         finally:
             if b.runroot:
-                for mp in sorted(mounts_under(b.runroot), reverse=True):
-                    log(f"cleanup: unmounting {mp}")
-                    subprocess.run(["umount", mp], stderr=subprocess.DEVNULL)
-                    if is_mounted(mp):
-                        subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+                unmount_under(b.runroot, say=True)
                 shutil.rmtree(b.runroot, ignore_errors=True)
 
     md, ratios = report(b, peers, workloads, args.repo)

@@ -20,7 +20,7 @@ use std::time::Duration;
 use fuser::{INodeNo, Notifier};
 use parking_lot::{Condvar, Mutex};
 
-use super::inode::{InodeTable, ROOT_ID};
+use super::inode::InodeTable;
 
 /// Shared between the filesystem (which kicks) and the reaper thread.
 #[derive(Debug)]
@@ -128,9 +128,6 @@ impl Reaper {
                 let victims = self.table.victims(before - self.low);
                 let asked = victims.len();
                 for (parent, name) in victims {
-                    if parent == ROOT_ID && name.is_empty() {
-                        continue;
-                    }
                     // ENOENT (already gone) and EBUSY-like refusals are fine: best effort.
                     let _ = notifier.inval_entry(INodeNo(parent), &name);
                 }
