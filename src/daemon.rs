@@ -9,13 +9,14 @@ use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::options::MountPlan;
-use crate::overlay::{FsConfig, OverlayFs};
+use crate::overlay::{FsConfig, FuseFs, OverlayFs, uring};
 use crate::sys;
 
 const NOTIFY_ENV: &str = "STRATAFS_NOTIFY";
@@ -137,13 +138,17 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         passthrough: root
             && initial_user_namespace()
             && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
+        // FUSE over io_uring when the kernel offers it: as root (rings pinned to CPUs serve
+        // every user of the mount) and unless turned off.
+        uring: root && std::env::var_os("STRATAFS_NO_URING").is_none(),
         metacopy: o.metacopy.unwrap_or(true),
         redirect_dir: o.redirect_dir.unwrap_or(true),
         index: o.index.unwrap_or(true),
         ownership: o.ownership.clone(),
         fd_limit,
     };
-    let fs = OverlayFs::new(&cfg).context("cannot open the layers")?;
+    let fs = Arc::new(OverlayFs::new(&cfg).context("cannot open the layers")?);
+    let served = fs.clone();
     let dev_cell = fs.mount_dev_cell();
     let reaper = fs.reaper();
     let notifier_cell = fs.notifier_cell();
@@ -215,7 +220,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         };
         let dev = sys::mount_fuse(OsStr::new(&source), mnt.as_os_str(), &fstype, flags, &data)
             .with_context(|| format!("cannot mount on '{}'", mnt.display()))?;
-        let session = match fuser::Session::from_fd(fs, dev, config.acl, config.clone()) {
+        let session = match fuser::Session::from_fd(FuseFs(fs), dev, config.acl, config.clone()) {
             Ok(s) => s,
             Err(e) => {
                 let _ = sys::umount(mnt.as_os_str(), true);
@@ -232,7 +237,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             }),
         )
     } else {
-        let mut session = fuser::Session::new(fs, &mnt, &config)
+        let mut session = fuser::Session::new(FuseFs(fs), &mnt, &config)
             .with_context(|| format!("cannot mount on '{}'", mnt.display()))?;
         let mut unmounter = session.unmount_callable();
         (
@@ -242,6 +247,15 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             }),
         )
     };
+    if served.uring_agreed() {
+        let started = session
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(|dev| uring::start(served.clone(), dev));
+        if let Err(e) = started {
+            tracing::warn!("FUSE over io_uring not started ({e}); serving /dev/fuse");
+        }
+    }
     // The mount's st_dev, from mountinfo: a stat of the mountpoint would wait on ourselves.
     if let Some(dev) = mount_dev(&mnt) {
         let _ = dev_cell.set(dev);

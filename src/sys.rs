@@ -697,3 +697,314 @@ pub fn get_xattr_at(
         }
     }
 }
+
+/// `FUSE_DEV_IOC_BACKING_OPEN`: `_IOW(229, 1, struct fuse_backing_map)`.
+const FUSE_DEV_IOC_BACKING_OPEN: libc::c_ulong = 0x4010_e501;
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
+/// A passthrough backing id of a FUSE connection; dropping it closes the id (the kernel keeps
+/// the file for as long as an open uses it).
+#[derive(Debug)]
+pub struct BackingFile {
+    dev: std::sync::Arc<OwnedFd>,
+    id: u32,
+}
+
+impl BackingFile {
+    /// Registers `fd` as a backing file with the connection behind `dev`.
+    pub fn open(dev: &std::sync::Arc<OwnedFd>, fd: BorrowedFd<'_>) -> io::Result<BackingFile> {
+        // struct fuse_backing_map { int32_t fd; uint32_t flags; uint64_t padding; }
+        #[repr(C)]
+        struct Map {
+            fd: i32,
+            flags: u32,
+            padding: u64,
+        }
+        let map = Map {
+            fd: fd.as_raw_fd(),
+            flags: 0,
+            padding: 0,
+        };
+        // SAFETY: `dev` is an open /dev/fuse fd; `map` is a live struct of the layout the ioctl
+        // reads, and it only reads it.
+        let id = cvt(unsafe {
+            libc::ioctl(
+                dev.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_OPEN,
+                &map as *const Map,
+            )
+        })?;
+        Ok(BackingFile {
+            dev: dev.clone(),
+            id: id as u32,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for BackingFile {
+    fn drop(&mut self) {
+        let id = self.id;
+        // SAFETY: the ioctl reads one u32 from a live local.
+        unsafe {
+            libc::ioctl(
+                self.dev.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_CLOSE,
+                &id as *const u32,
+            )
+        };
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; an all-zero one is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu` is within the set, checked above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a live cpu_set_t of the size passed.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}
+
+/// FUSE over io_uring: one queue's ring entries of one thread (Linux 6.14+).
+///
+/// Each entry is a header buffer (`struct fuse_uring_req_header`) and a payload buffer the
+/// kernel registered at FUSE_IO_URING_CMD_REGISTER. From then on the kernel owns an entry's
+/// buffers until the entry's completion arrives: it writes a request into them, in this
+/// thread's context, and completes the command. The daemon then reads the request and writes
+/// the reply into the same buffers, and hands them back with COMMIT_AND_FETCH, which also
+/// waits for the next request. Safe code only sees an entry's buffers between the two.
+pub mod fuse_ring {
+    use super::*;
+    use io_uring::{IoUring, cqueue, opcode, squeue, types};
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    /// `sizeof(struct fuse_uring_req_header)`: in_out[128], op_in[128], ring_ent_in_out.
+    pub const HEADER_LEN: usize = 128 + 128 + 32;
+    /// Where the parts of the header buffer are.
+    pub const IN_OUT: std::ops::Range<usize> = 0..128;
+    pub const OP_IN: std::ops::Range<usize> = 128..256;
+    const ENT_COMMIT_ID: usize = 256 + 8;
+    const ENT_PAYLOAD_SZ: usize = 256 + 16;
+
+    const CMD_REGISTER: u32 = 1;
+    const CMD_COMMIT_AND_FETCH: u32 = 2;
+
+    /// One entry's buffers; their addresses never change (boxed), and they are never freed
+    /// (see `Drop for Ring`).
+    struct Slot {
+        header: Box<[u8; HEADER_LEN]>,
+        payload: Box<[u8]>,
+        iov: Box<[libc::iovec; 2]>,
+        /// Handed to the kernel (registered or committed) and not completed since.
+        in_kernel: bool,
+    }
+
+    pub struct Ring {
+        ring: IoUring<squeue::Entry128, cqueue::Entry>,
+        dev: Arc<OwnedFd>,
+        qid: u16,
+        slots: Vec<Slot>,
+        ready: VecDeque<usize>,
+        /// How long `next_request` polls before it sleeps.
+        spin: std::time::Duration,
+    }
+
+    /// The 80 bytes of a command's `struct fuse_uring_cmd_req`: flags, commit_id, qid.
+    fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
+        let mut cmd = [0u8; 80];
+        cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
+        cmd
+    }
+
+    /// `sqe->len`, which io-uring's UringCmd80 leaves at 0: FUSE reads the number of iovecs
+    /// at `sqe->addr` from it.
+    fn with_len(e: squeue::Entry128, len: u32) -> squeue::Entry128 {
+        // SAFETY: Entry128 is `#[repr(C)]` around the kernel's 128-byte `struct io_uring_sqe`
+        // (plain integers, any bit pattern valid), whose `len` is the u32 at offset 24.
+        let mut raw: [u8; 128] = unsafe { std::mem::transmute(e) };
+        raw[24..28].copy_from_slice(&len.to_ne_bytes());
+        // SAFETY: as above, back to the type it came from.
+        unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+    }
+
+    impl Ring {
+        /// Sets up a ring and registers `slots` entries with queue `qid` of the connection
+        /// behind `dev`, each with a payload buffer of `payload_len` bytes.
+        pub fn register(
+            dev: Arc<OwnedFd>,
+            qid: u16,
+            slots: usize,
+            payload_len: usize,
+        ) -> io::Result<Ring> {
+            let entries = (slots as u32).next_power_of_two().max(4);
+            // Task work (the kernel copying a request into our buffers) runs when we wait,
+            // not by interrupting us.
+            let ring = IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag()
+                .build(entries)
+                .or_else(|_| IoUring::builder().build(entries))?;
+            let mut r = Ring {
+                ring,
+                dev,
+                qid,
+                slots: Vec::with_capacity(slots),
+                ready: VecDeque::new(),
+                spin: std::time::Duration::ZERO,
+            };
+            for i in 0..slots {
+                let mut header = Box::new([0u8; HEADER_LEN]);
+                let mut payload = vec![0u8; payload_len].into_boxed_slice();
+                let iov = Box::new([
+                    libc::iovec {
+                        iov_base: header.as_mut_ptr().cast(),
+                        iov_len: HEADER_LEN,
+                    },
+                    libc::iovec {
+                        iov_base: payload.as_mut_ptr().cast(),
+                        iov_len: payload_len,
+                    },
+                ]);
+                r.slots.push(Slot {
+                    header,
+                    payload,
+                    iov,
+                    in_kernel: false,
+                });
+                let addr = r.slots[i].iov.as_ptr() as u64;
+                let e = opcode::UringCmd80::new(types::Fd(r.dev.as_raw_fd()), CMD_REGISTER)
+                    .cmd(cmd_req(0, qid))
+                    .addr(Some(addr))
+                    .build()
+                    .user_data(i as u64);
+                r.push(i, with_len(e, 2))?;
+            }
+            r.ring.submit()?;
+            Ok(r)
+        }
+
+        fn push(&mut self, slot: usize, e: squeue::Entry128) -> io::Result<()> {
+            // SAFETY: the entry points at `self.slots[slot]`'s iovecs and buffers, which stay
+            // allocated for as long as the kernel may use them: slots are never removed, and
+            // `Drop` leaks them. `in_kernel` keeps safe code off them until the completion.
+            let pushed = unsafe { self.ring.submission().push(&e) };
+            if pushed.is_err() {
+                // The queue holds as many entries as there are slots, each pushed at most
+                // once before its completion.
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            self.slots[slot].in_kernel = true;
+            Ok(())
+        }
+
+        /// Polls for `spin` before `next_request` sleeps.
+        pub fn set_spin(&mut self, spin: std::time::Duration) {
+            self.spin = spin;
+        }
+
+        /// Hands what was committed to the kernel and waits for the next request; returns the
+        /// slot that holds it. An error (ENOTCONN, ENODEV at unmount) ends the queue.
+        pub fn next_request(&mut self) -> io::Result<usize> {
+            let started = std::time::Instant::now();
+            loop {
+                if let Some(i) = self.ready.pop_front() {
+                    return Ok(i);
+                }
+                let poll = !self.spin.is_zero() && started.elapsed() < self.spin;
+                if poll && !self.ring.submission().is_empty() {
+                    self.ring.submit()?;
+                } else if poll && !self.ring.submission().taskrun() {
+                    // Keeps this CPU busy (so the scheduler wakes the caller here, where the
+                    // reply is) while giving it to anything else that wants to run.
+                    std::thread::yield_now();
+                    continue;
+                }
+                let want = if poll { 0 } else { 1 };
+                match self.ring.submit_and_wait(want) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+                let mut failed = None;
+                for c in self.ring.completion() {
+                    let i = c.user_data() as usize;
+                    let Some(slot) = self.slots.get_mut(i) else {
+                        continue;
+                    };
+                    slot.in_kernel = false;
+                    if c.result() < 0 {
+                        failed = Some(-c.result());
+                    } else {
+                        self.ready.push_back(i);
+                    }
+                }
+                if let Some(err) = failed {
+                    return Err(io::Error::from_raw_os_error(err));
+                }
+            }
+        }
+
+        /// The request in `slot`: the header buffer (in_out, op_in, ...), and the payload with
+        /// the length the kernel filled in.
+        pub fn request(&mut self, slot: usize) -> (&[u8], &mut [u8], usize) {
+            let s = &mut self.slots[slot];
+            assert!(!s.in_kernel, "slot {slot} is the kernel's");
+            let len = u32::from_ne_bytes(
+                s.header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4]
+                    .try_into()
+                    .expect("4 bytes"),
+            ) as usize;
+            (&s.header[..], &mut s.payload[..], len)
+        }
+
+        /// Replies to the request in `slot` with `out_header` and the first `payload_len`
+        /// bytes of the payload buffer, and asks for the next request.
+        pub fn commit(
+            &mut self,
+            slot: usize,
+            out_header: &[u8; 16],
+            payload_len: usize,
+        ) -> io::Result<()> {
+            let qid = self.qid;
+            let s = &mut self.slots[slot];
+            assert!(!s.in_kernel, "slot {slot} is the kernel's");
+            s.header[IN_OUT.start..IN_OUT.start + 16].copy_from_slice(out_header);
+            s.header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4]
+                .copy_from_slice(&(payload_len as u32).to_ne_bytes());
+            let commit_id = u64::from_ne_bytes(
+                s.header[ENT_COMMIT_ID..ENT_COMMIT_ID + 8]
+                    .try_into()
+                    .expect("8 bytes"),
+            );
+            let e = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), CMD_COMMIT_AND_FETCH)
+                .cmd(cmd_req(commit_id, qid))
+                .build()
+                .user_data(slot as u64);
+            self.push(slot, e)
+        }
+    }
+
+    impl Drop for Ring {
+        fn drop(&mut self) {
+            // The kernel may still write into a slot it holds (a request in flight when the
+            // ring goes): never free those buffers. Rings live as long as the mount.
+            for s in std::mem::take(&mut self.slots) {
+                if s.in_kernel {
+                    std::mem::forget(s);
+                }
+            }
+        }
+    }
+}

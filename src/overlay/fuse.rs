@@ -15,15 +15,20 @@ use fuser::{
 use tracing::debug;
 
 use super::OverlayFs;
-use super::ops::OpenPlan;
+use super::ops::{Backing, OpenPlan};
 use super::privs::Caller;
 use crate::sys::{self, SetTime};
 use std::sync::atomic::Ordering;
 
 fn errno(e: io::Error) -> Errno {
+    Errno::from_i32(errno_of(&e))
+}
+
+/// The errno a failed request answers with.
+pub(super) fn errno_of(e: &io::Error) -> i32 {
     match e.raw_os_error() {
-        Some(code) if code > 0 => Errno::from_i32(code),
-        _ => Errno::EIO,
+        Some(code) if code > 0 => code,
+        _ => libc::EIO,
     }
 }
 
@@ -66,11 +71,11 @@ const GEN: Generation = Generation(0);
 
 /// The daemon keeps no per-open state that a close must flush, so the kernel need not send
 /// FLUSH on every close (one round trip less per file).
-const NOFLUSH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+pub(super) const NOFLUSH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// Runs one request's work; a panic fails that request alone (EIO) instead of taking a worker
 /// thread, and the caller waiting on it, down.
-fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+pub(super) fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(_) => {
@@ -104,7 +109,122 @@ fn failpoint(kind: &str) -> Option<&'static OsStr> {
     (k == kind).then_some(name.as_os_str())
 }
 
-impl Filesystem for OverlayFs {
+/// The filesystem as fuser serves it: the same [`OverlayFs`] the io_uring transport
+/// (`uring.rs`) serves, when the kernel offers that.
+pub struct FuseFs(pub std::sync::Arc<OverlayFs>);
+
+impl std::ops::Deref for FuseFs {
+    type Target = OverlayFs;
+    fn deref(&self) -> &OverlayFs {
+        &self.0
+    }
+}
+
+/// A LOOKUP's answer: the entry and its timeout; ENOENT is a negative entry (node id 0) the
+/// kernel may cache, as every change of this name goes through the kernel, which drops it.
+pub(super) fn lookup_entry(
+    fs: &OverlayFs,
+    parent: INodeNo,
+    name: &OsStr,
+) -> io::Result<(std::time::Duration, fuser::FileAttr)> {
+    let res = guard(|| {
+        if failpoint("panic-lookup") == Some(name) {
+            panic!("failpoint panic-lookup:{}", name.to_string_lossy());
+        }
+        fs.do_lookup(parent, name)
+    });
+    match res {
+        Ok((attr, _)) => Ok((fs.entry_ttl(&attr), attr)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((fs.ttl(), negative_attr())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Is this READ to fail (the `eio-read` failpoint)?
+pub(super) fn read_fails(fs: &OverlayFs, ino: INodeNo) -> bool {
+    failpoint("eio-read").is_some_and(|bad| fs.node(ino).is_ok_and(|n| n.state.read().name == bad))
+}
+
+/// The open flags of an open or create, and the backing file to pass through to, if any.
+/// `register` opens a backing id for an fd.
+pub(super) fn open_flags(
+    fs: &OverlayFs,
+    fh: u64,
+    plan: OpenPlan,
+    register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<super::ops::Backing>,
+) -> (FopenFlags, Option<std::sync::Arc<super::ops::Backing>>) {
+    match plan {
+        OpenPlan::Cached => (FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH, None),
+        OpenPlan::DirectIo => (FopenFlags::FOPEN_DIRECT_IO | NOFLUSH, None),
+        OpenPlan::Passthrough(node) => match fs.attach_backing(fh, &node, register) {
+            Some(id) => (NOFLUSH | FopenFlags::FOPEN_PASSTHROUGH, Some(id)),
+            None => (FopenFlags::FOPEN_DIRECT_IO | NOFLUSH, None),
+        },
+    }
+}
+
+/// The open flags of an OPENDIR.
+pub(super) fn opendir_flags() -> FopenFlags {
+    // The kernel may keep listings in its page cache: every change of a directory goes
+    // through it, and it drops the cached listing then.
+    if std::env::var_os("STRATAFS_NO_CACHE_DIR").is_none() {
+        FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+/// Fills a READDIRPLUS reply: `add(next offset, name, entry timeout, attr)` says true when the
+/// entry did not fit. An error is for the whole reply only when no entry went in.
+pub(super) fn readdirplus_entries(
+    fs: &OverlayFs,
+    ino: INodeNo,
+    fh: u64,
+    offset: u64,
+    mut add: impl FnMut(u64, &OsStr, std::time::Duration, &fuser::FileAttr) -> bool,
+) -> io::Result<()> {
+    let entries = guard(|| fs.do_readdir(fh, offset))?;
+    let ttl = fs.ttl();
+    let mut added = false;
+    for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        let next = (i + 1) as u64;
+        if e.name == "." || e.name == ".." {
+            // The kernel takes no reference for these two, whatever we send.
+            let mut attr = negative_attr();
+            attr.ino = INodeNo(e.ino);
+            attr.kind = fuser::FileType::Directory;
+            if add(next, &e.name, ttl, &attr) {
+                break;
+            }
+            added = true;
+            continue;
+        }
+        // Past the fd budget this reply ends early: the kernel holds the directory's lock
+        // while it waits for us, and the reaper needs that lock to free fds. The rest
+        // comes in the next request, once the lock has been let go.
+        if added && fs.reaper.over_high() {
+            break;
+        }
+        // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
+        match guard(|| fs.do_lookup(ino, &e.name)) {
+            Ok((attr, id)) => {
+                if add(next, &e.name, fs.entry_ttl(&attr), &attr) {
+                    fs.do_forget(INodeNo(id), 1);
+                    break;
+                }
+                added = true;
+            }
+            // Removed since the listing was taken.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            // Never leave an entry out: send what is there, or the error.
+            Err(_) if added => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for cap in [
             InitFlags::FUSE_ATOMIC_O_TRUNC,
@@ -136,23 +256,17 @@ impl Filesystem for OverlayFs {
         // security.capability before every write; S_ISUID/S_ISGID are ours to clear (privs.rs).
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config.set_max_write(1 << 20);
+        let uring = self.want_uring
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        self.uring.store(uring, Ordering::Relaxed);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let res = guard(|| {
-            if failpoint("panic-lookup") == Some(name) {
-                panic!("failpoint panic-lookup:{}", name.to_string_lossy());
-            }
-            self.do_lookup(parent, name)
-        });
-        match res {
-            Ok((attr, _)) => reply.entry(&self.entry_ttl(&attr), &attr, GEN),
-            // Node id 0 is a negative entry the kernel may cache: every change of this name
-            // goes through the kernel, which drops it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                reply.entry(&self.ttl(), &negative_attr(), GEN)
-            }
+        match lookup_entry(self, parent, name) {
+            Ok((ttl, attr)) => reply.entry(&ttl, &attr, GEN),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -322,19 +436,19 @@ impl Filesystem for OverlayFs {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
-        match plan {
-            OpenPlan::Cached => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH)
+        let (flags, backing) = open_flags(self, fh, plan, |fd| {
+            reply.open_backing(fd).map(Backing::Fuser)
+        });
+        match backing.as_deref() {
+            Some(Backing::Fuser(id)) => {
+                reply.opened_passthrough(FileHandle(fh), flags - FopenFlags::FOPEN_PASSTHROUGH, id)
             }
-            OpenPlan::DirectIo => {
+            // A backing id of the io_uring transport: fuser cannot send it. Unreachable: once
+            // the ring serves requests, no OPEN comes here.
+            Some(Backing::Raw(_)) => {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | NOFLUSH)
             }
-            OpenPlan::Passthrough(node) => {
-                match self.attach_backing(fh, &node, |fd| reply.open_backing(fd)) {
-                    Some(id) => reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id),
-                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | NOFLUSH),
-                }
-            }
+            None => reply.opened(FileHandle(fh), flags),
         }
     }
 
@@ -349,9 +463,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if let Some(bad) = failpoint("eio-read")
-            && self.node(ino).is_ok_and(|n| n.state.read().name == bad)
-        {
+        if read_fails(self, ino) {
             return reply.error(Errno::EIO);
         }
         match guard(|| self.do_read(fh.0, offset, size)) {
@@ -421,15 +533,8 @@ impl Filesystem for OverlayFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // The kernel may keep listings in its page cache: every change of a directory goes
-        // through it, and it drops the cached listing then.
-        let flags = if std::env::var_os("STRATAFS_NO_CACHE_DIR").is_none() {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
         match guard(|| self.do_opendir(ino)) {
-            Ok(fh) => reply.opened(FileHandle(fh), flags),
+            Ok(fh) => reply.opened(FileHandle(fh), opendir_flags()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -462,55 +567,13 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match guard(|| self.do_readdir(fh.0, offset)) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let ttl = self.ttl();
-        let mut added = false;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let next = (i + 1) as u64;
-            if e.name == "." || e.name == ".." {
-                // The kernel takes no reference for these two, whatever we send.
-                let mut attr = negative_attr();
-                attr.ino = INodeNo(e.ino);
-                attr.kind = fuser::FileType::Directory;
-                if reply.add(INodeNo(e.ino), next, &e.name, &ttl, &attr, GEN) {
-                    break;
-                }
-                added = true;
-                continue;
-            }
-            // Past the fd budget this reply ends early: the kernel holds the directory's lock
-            // while it waits for us, and the reaper needs that lock to free fds. The rest
-            // comes in the next request, once the lock has been let go.
-            if added && self.reaper.over_high() {
-                break;
-            }
-            // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
-            match guard(|| self.do_lookup(ino, &e.name)) {
-                Ok((attr, id)) => {
-                    if reply.add(
-                        INodeNo(id),
-                        next,
-                        &e.name,
-                        &self.entry_ttl(&attr),
-                        &attr,
-                        GEN,
-                    ) {
-                        self.do_forget(INodeNo(id), 1);
-                        break;
-                    }
-                    added = true;
-                }
-                // Removed since the listing was taken.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                // Never leave an entry out: send what is there, or the error.
-                Err(_) if added => break,
-                Err(e) => return reply.error(errno(e)),
-            }
+        let res = readdirplus_entries(self, ino, fh.0, offset, |next, name, ttl, attr| {
+            reply.add(attr.ino, next, name, &ttl, attr, GEN)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok();
     }
 
     fn releasedir(
@@ -612,35 +675,26 @@ impl Filesystem for OverlayFs {
                 Err(e) => return reply.error(errno(e)),
             };
         let ttl = self.ttl();
-        match plan {
-            OpenPlan::Cached => reply.created(
+        let (flags, backing) = open_flags(self, fh, plan, |fd| {
+            reply.open_backing(fd).map(Backing::Fuser)
+        });
+        match backing.as_deref() {
+            Some(Backing::Fuser(id)) => reply.created_passthrough(
                 &ttl,
                 &attr,
                 GEN,
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH,
+                flags - FopenFlags::FOPEN_PASSTHROUGH,
+                id,
             ),
-            OpenPlan::DirectIo => reply.created(
+            Some(Backing::Raw(_)) => reply.created(
                 &ttl,
                 &attr,
                 GEN,
                 FileHandle(fh),
                 FopenFlags::FOPEN_DIRECT_IO | NOFLUSH,
             ),
-            OpenPlan::Passthrough(node) => {
-                match self.attach_backing(fh, &node, |fd| reply.open_backing(fd)) {
-                    Some(id) => {
-                        reply.created_passthrough(&ttl, &attr, GEN, FileHandle(fh), NOFLUSH, &id)
-                    }
-                    None => reply.created(
-                        &ttl,
-                        &attr,
-                        GEN,
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_DIRECT_IO | NOFLUSH,
-                    ),
-                }
-            }
+            None => reply.created(&ttl, &attr, GEN, FileHandle(fh), flags),
         }
     }
 

@@ -55,7 +55,7 @@ pub struct Node {
 pub struct NodeIo {
     /// The upper file's backing id, shared by this node's passthrough opens. Weak: it closes
     /// with the last open that uses it.
-    pub backing: Option<Weak<fuser::BackingId>>,
+    pub backing: Option<Weak<super::ops::Backing>>,
     /// Open files of this node in page-cached mode (read-only opens of a lower file).
     pub cached_opens: usize,
 }

@@ -17,6 +17,8 @@ pub mod layer;
 mod ops;
 pub mod privs;
 pub mod reaper;
+pub mod uring;
+mod wire;
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -35,6 +37,7 @@ use inode::{InodeTable, Node, NodeState};
 use layer::{Layer, MarkerStyle};
 
 pub use dir::DirEntry;
+pub use fuse::FuseFs;
 
 /// What a mount is made of, after the command line was validated.
 #[derive(Clone, Debug, Default)]
@@ -49,6 +52,8 @@ pub struct FsConfig {
     pub threads: usize,
     /// Use kernel passthrough for file I/O when the kernel offers it (needs CAP_SYS_ADMIN).
     pub passthrough: bool,
+    /// Serve requests over io_uring when the kernel offers it (`uring.rs`).
+    pub uring: bool,
     /// Metadata changes to a lower file copy metadata only (the kernel's `metacopy=on`).
     pub metacopy: bool,
     /// Merged directories move with a redirect (the kernel's `redirect_dir=on`); off: EXDEV.
@@ -100,6 +105,9 @@ pub struct OverlayFs {
     writeback: AtomicBool,
     /// Ask for passthrough at init.
     want_passthrough: bool,
+    want_uring: bool,
+    /// The kernel agreed to FUSE over io_uring at FUSE_INIT.
+    uring: AtomicBool,
     metacopy: bool,
     redirect_dir: bool,
     /// `<workdir>/stratafs-index`: one hard link per copied-up inode that has several names
@@ -325,6 +333,8 @@ impl OverlayFs {
             passthrough: AtomicBool::new(false),
             writeback: AtomicBool::new(false),
             want_passthrough: cfg.passthrough,
+            want_uring: cfg.uring,
+            uring: AtomicBool::new(false),
             metacopy: cfg.metacopy,
             redirect_dir: cfg.redirect_dir,
             mount_dev: Arc::new(std::sync::OnceLock::new()),
@@ -873,6 +883,11 @@ impl OverlayFs {
         }
         let st = self.stat_node(&node)?;
         Ok(self.attr(&node, &st))
+    }
+
+    /// Did FUSE_INIT agree to FUSE over io_uring? (Then `uring::start` may serve requests.)
+    pub fn uring_agreed(&self) -> bool {
+        self.uring.load(Ordering::Relaxed)
     }
 
     pub fn ttl(&self) -> Duration {

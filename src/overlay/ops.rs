@@ -36,7 +36,7 @@ pub struct FileHandle {
     pub fd: OwnedFd,
     pub writable: bool,
     /// The passthrough backing this open uses, kept alive until release.
-    pub backing: std::sync::OnceLock<Arc<fuser::BackingId>>,
+    pub backing: std::sync::OnceLock<Arc<Backing>>,
     /// The node, when this open counts in its `cached_opens`.
     pub cached_of: Option<Arc<Node>>,
     /// The node this file belongs to (counted in its `opens`).
@@ -56,6 +56,15 @@ impl Drop for FileHandle {
             io.cached_opens = io.cached_opens.saturating_sub(1);
         }
     }
+}
+
+/// A passthrough backing id the kernel holds for us; dropping it closes the id.
+#[derive(Debug)]
+pub enum Backing {
+    /// Opened through fuser (the /dev/fuse transport).
+    Fuser(fuser::BackingId),
+    /// Opened by the io_uring transport.
+    Raw(sys::BackingFile),
 }
 
 /// How an open file does its I/O, decided at open.
@@ -1136,8 +1145,8 @@ impl OverlayFs {
         &self,
         fh: u64,
         node: &Node,
-        register: impl FnOnce(BorrowedFd<'_>) -> io::Result<fuser::BackingId>,
-    ) -> Option<Arc<fuser::BackingId>> {
+        register: impl FnOnce(BorrowedFd<'_>) -> io::Result<Backing>,
+    ) -> Option<Arc<Backing>> {
         let h = self.handles.get(&fh).map(|h| h.clone())?;
         let Handle::File(file) = &*h else { return None };
         let mut io = node.io.lock();

@@ -1,0 +1,516 @@
+//! FUSE over io_uring (Linux 6.14+, `enable_uring` of the fuse module): the kernel keeps one
+//! request queue per CPU and hands each request to a thread of the queue of the CPU that made
+//! it. Our threads of queue N are pinned to CPU N, so a request and its reply are same-CPU
+//! hand-offs instead of two cross-CPU wakeups through /dev/fuse, which on a small VM is most of
+//! a metadata request's cost.
+//!
+//! fuser still does FUSE_INIT and reads /dev/fuse for what never comes over the ring (FORGET,
+//! INTERRUPT) and for requests made before every queue is registered. Each request here calls
+//! the same `do_*` methods as the fuser adapter (`fuse.rs`), with the shared parts of that
+//! adapter, and encodes the reply itself (`wire.rs`).
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use fuser::{FopenFlags, INodeNo};
+
+use super::OverlayFs;
+use super::fuse::{self, errno_of, guard};
+use super::ops::Backing;
+use super::privs::Caller;
+use super::wire::{self, Fields, InHeader, Names, Out, op};
+use crate::sys::fuse_ring::{self, Ring};
+use crate::sys::{self, SetTime};
+
+/// Threads (each with one ring entry) per queue: a request that takes long (a copy-up, an
+/// fsync) holds one, and the others keep serving that CPU.
+const THREADS_PER_QUEUE: usize = 3;
+
+/// The payload buffer of an entry: the kernel wants room for max_write and max_pages.
+const PAYLOAD_LEN: usize = 1 << 20;
+
+/// The number of queues the kernel keeps: one per possible CPU (`nr_cpu_ids`).
+fn possible_cpus() -> Option<usize> {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
+    let last = s.trim().rsplit([',', '-']).next()?;
+    Some(last.parse::<usize>().ok()? + 1)
+}
+
+/// Starts the ring threads for the connection behind `dev`. Errors before any thread runs
+/// leave everything on /dev/fuse.
+pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd) -> io::Result<()> {
+    let dev = Arc::new(dev);
+    let queues = possible_cpus().ok_or_else(|| io::Error::other("cannot count the CPUs"))?;
+    let threads = std::env::var("STRATAFS_URING_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(THREADS_PER_QUEUE)
+        .clamp(1, 64);
+    let spin = std::env::var("STRATAFS_URING_SPIN_US")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    for qid in 0..queues {
+        for t in 0..threads {
+            let fs = fs.clone();
+            let dev = dev.clone();
+            // Register in the thread: the ring belongs to the task that set it up, which is
+            // where the kernel copies requests into its buffers.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("uring-{qid}.{t}"))
+                .spawn(move || {
+                    // An offline CPU gets no requests; its queue must still be registered.
+                    let _ = sys::pin_to_cpu(qid);
+                    match Ring::register(dev.clone(), qid as u16, 1, PAYLOAD_LEN) {
+                        Ok(mut ring) => {
+                            ring.set_spin(std::time::Duration::from_micros(spin));
+                            let _ = tx.send(Ok(()));
+                            serve(&fs, &dev, ring);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                })?;
+            rx.recv()
+                .map_err(|_| io::Error::other("ring thread died"))??;
+        }
+    }
+    tracing::debug!("FUSE over io_uring: {queues} queues, {threads} threads each");
+    Ok(())
+}
+
+/// One thread's loop: take a request, answer it, until the connection goes.
+fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring) {
+    loop {
+        let slot = match ring.next_request() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("io_uring queue ends: {e}");
+                return;
+            }
+        };
+        let (header, payload, len) = ring.request(slot);
+        let (out_header, reply_len) = match InHeader::parse(&header[fuse_ring::IN_OUT]) {
+            Some(h) => {
+                let op_in: [u8; 128] = header[fuse_ring::OP_IN].try_into().expect("128 bytes");
+                let len = len.min(payload.len());
+                match handle(fs, dev, &h, &op_in, payload, len) {
+                    Ok(n) => (
+                        wire::out_header(h.unique, 0, (wire::OUT_HEADER_LEN + n) as u32),
+                        n,
+                    ),
+                    Err(code) => (
+                        wire::out_header(h.unique, -code, wire::OUT_HEADER_LEN as u32),
+                        0,
+                    ),
+                }
+            }
+            None => (wire::out_header(0, -libc::EIO, 16), 0),
+        };
+        if let Err(e) = ring.commit(slot, &out_header, reply_len) {
+            tracing::error!("io_uring commit failed: {e}");
+            return;
+        }
+    }
+}
+
+fn code(e: io::Error) -> i32 {
+    errno_of(&e)
+}
+
+fn full(_: wire::Full) -> i32 {
+    libc::ERANGE
+}
+
+fn inval() -> i32 {
+    libc::EINVAL
+}
+
+/// A setattr time: `now` bit, seconds, nanoseconds.
+fn set_time(now: bool, sec: u64, nsec: u32) -> SetTime {
+    if now {
+        SetTime::Now
+    } else {
+        SetTime::At(sec as i64, i64::from(nsec))
+    }
+}
+
+/// Answers one request: the reply body goes to the start of `payload`; returns its length, or
+/// the errno. The request's own payload is `payload[..len]`.
+fn handle(
+    fs: &OverlayFs,
+    dev: &Arc<OwnedFd>,
+    h: &InHeader,
+    op_in: &[u8; 128],
+    payload: &mut [u8],
+    len: usize,
+) -> Result<usize, i32> {
+    let a = Fields(op_in);
+    let ino = INodeNo(h.nodeid);
+    let caller = Caller {
+        uid: h.uid,
+        gid: h.gid,
+        pid: h.pid,
+    };
+    // Names are copied out before the reply overwrites the payload.
+    let first_name = || -> Result<std::ffi::OsString, i32> {
+        Names(&payload[..len])
+            .next_name()
+            .map(OsStr::to_os_string)
+            .ok_or_else(inval)
+    };
+    match h.opcode {
+        op::LOOKUP => {
+            let name = first_name()?;
+            let (ttl, attr) = fuse::lookup_entry(fs, ino, &name).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.entry(ttl, &attr).map_err(full)?;
+            Ok(out.len())
+        }
+        op::GETATTR => {
+            // struct fuse_getattr_in { getattr_flags, dummy, fh }; FUSE_GETATTR_FH = 1
+            let fh = (a.u32(0).ok_or_else(inval)? & 1 != 0).then(|| a.u64(8).unwrap_or(0));
+            let attr = guard(|| fs.do_getattr(ino, fh)).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.attr_out(fs.ttl(), &attr).map_err(full)?;
+            Ok(out.len())
+        }
+        op::SETATTR => {
+            // struct fuse_setattr_in
+            let valid = a.u32(0).ok_or_else(inval)?;
+            let has = |bit: u32| valid & bit != 0;
+            let fh = has(1 << 6).then(|| a.u64(8).unwrap_or(0));
+            let size = has(1 << 3).then(|| a.u64(16).unwrap_or(0));
+            let atime = has(1 << 4)
+                .then(|| set_time(has(1 << 7), a.u64(32).unwrap_or(0), a.u32(56).unwrap_or(0)));
+            let mtime = has(1 << 5)
+                .then(|| set_time(has(1 << 8), a.u64(40).unwrap_or(0), a.u32(60).unwrap_or(0)));
+            let mode = has(1).then(|| a.u32(68).unwrap_or(0));
+            let uid = has(1 << 1).then(|| a.u32(76).unwrap_or(0));
+            let gid = has(1 << 2).then(|| a.u32(80).unwrap_or(0));
+            // MODE, UID, GID, SIZE, ATIME, MTIME, CTIME: none of them is the kernel's
+            // file_remove_privs asking us to clear S_ISUID/S_ISGID.
+            let bare = valid & (0x3f | 1 << 10) == 0;
+            let attr =
+                guard(|| fs.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, &caller, bare))
+                    .map_err(code)?;
+            let mut out = Out::new(payload);
+            out.attr_out(fs.ttl(), &attr).map_err(full)?;
+            Ok(out.len())
+        }
+        op::READLINK => {
+            let t = guard(|| fs.do_readlink(ino)).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.bytes(&t).map_err(full)?;
+            Ok(out.len())
+        }
+        op::SYMLINK => {
+            let (name, target) = {
+                let mut n = Names(&payload[..len]);
+                let name = n.next_name().ok_or_else(inval)?.to_os_string();
+                let target = n.next_name().ok_or_else(inval)?.to_os_string();
+                (name, target)
+            };
+            let (attr, _) =
+                guard(|| fs.do_symlink(ino, &name, std::path::Path::new(&target), caller))
+                    .map_err(code)?;
+            entry(fs, payload, &attr)
+        }
+        op::MKNOD => {
+            // struct fuse_mknod_in { mode, rdev, umask, padding }
+            let name = first_name()?;
+            let (mode, rdev, umask) = (
+                a.u32(0).ok_or_else(inval)?,
+                a.u32(4).ok_or_else(inval)?,
+                a.u32(8).ok_or_else(inval)?,
+            );
+            let (attr, _) =
+                guard(|| fs.do_mknod(ino, &name, mode, umask, rdev, caller)).map_err(code)?;
+            entry(fs, payload, &attr)
+        }
+        op::MKDIR => {
+            // struct fuse_mkdir_in { mode, umask }
+            let name = first_name()?;
+            let (mode, umask) = (a.u32(0).ok_or_else(inval)?, a.u32(4).ok_or_else(inval)?);
+            let (attr, _) = guard(|| fs.do_mkdir(ino, &name, mode, umask, caller)).map_err(code)?;
+            entry(fs, payload, &attr)
+        }
+        op::UNLINK | op::RMDIR => {
+            let name = first_name()?;
+            guard(|| fs.do_remove(ino, &name, h.opcode == op::RMDIR)).map_err(code)?;
+            Ok(0)
+        }
+        op::RENAME | op::RENAME2 => {
+            // struct fuse_rename_in { newdir } / fuse_rename2_in { newdir, flags, padding }
+            let newdir = INodeNo(a.u64(0).ok_or_else(inval)?);
+            let flags = if h.opcode == op::RENAME2 {
+                a.u32(8).ok_or_else(inval)?
+            } else {
+                0
+            };
+            let (old, new) = {
+                let mut n = Names(&payload[..len]);
+                let old = n.next_name().ok_or_else(inval)?.to_os_string();
+                let new = n.next_name().ok_or_else(inval)?.to_os_string();
+                (old, new)
+            };
+            guard(|| fs.do_rename(ino, &old, newdir, &new, flags, caller)).map_err(code)?;
+            Ok(0)
+        }
+        op::LINK => {
+            // struct fuse_link_in { oldnodeid }
+            let old = INodeNo(a.u64(0).ok_or_else(inval)?);
+            let name = first_name()?;
+            let (attr, _) = guard(|| fs.do_link(old, ino, &name)).map_err(code)?;
+            entry(fs, payload, &attr)
+        }
+        op::OPEN => {
+            // struct fuse_open_in { flags, open_flags }
+            let flags = a.i32(0).ok_or_else(inval)?;
+            let (fh, plan) = guard(|| fs.do_open(ino, flags, &caller)).map_err(code)?;
+            let (flags, backing) = fuse::open_flags(fs, fh, plan, |fd| register(dev, fd));
+            let mut out = Out::new(payload);
+            open_out(&mut out, fh, flags, backing.as_deref())?;
+            Ok(out.len())
+        }
+        op::READ => {
+            // struct fuse_read_in { fh, offset, size, ... }
+            let (fh, offset, size) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.u64(8).ok_or_else(inval)?,
+                a.u32(16).ok_or_else(inval)?,
+            );
+            if fuse::read_fails(fs, ino) {
+                return Err(libc::EIO);
+            }
+            let data = guard(|| fs.do_read(fh, offset, size)).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.bytes(&data).map_err(full)?;
+            Ok(out.len())
+        }
+        op::WRITE => {
+            // struct fuse_write_in { fh, offset, size, write_flags, ... }; the data follows.
+            let (fh, offset, size, wflags) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.u64(8).ok_or_else(inval)?,
+                a.u32(16).ok_or_else(inval)? as usize,
+                a.u32(20).ok_or_else(inval)?,
+            );
+            let data = payload.get(..size.min(len)).ok_or_else(inval)?;
+            // FUSE_WRITE_KILL_SUIDGID
+            let kill = (wflags & 4 != 0).then_some(caller);
+            let n = guard(|| fs.do_write(ino, fh, offset, data, kill.as_ref())).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.write_out(n).map_err(full)?;
+            Ok(out.len())
+        }
+        op::STATFS => {
+            let s = guard(|| fs.do_statfs()).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.statfs(&s).map_err(full)?;
+            Ok(out.len())
+        }
+        op::RELEASE | op::RELEASEDIR => {
+            fs.do_release(a.u64(0).ok_or_else(inval)?);
+            Ok(0)
+        }
+        op::FSYNC => {
+            // struct fuse_fsync_in { fh, fsync_flags }; FUSE_FSYNC_FDATASYNC = 1
+            let fh = a.u64(0).ok_or_else(inval)?;
+            let datasync = a.u32(8).ok_or_else(inval)? & 1 != 0;
+            guard(|| fs.with_file(fh, |fd| sys::fsync(fd, datasync))).map_err(code)?;
+            Ok(0)
+        }
+        op::FLUSH | op::FSYNCDIR => Ok(0),
+        op::SETXATTR => {
+            // struct fuse_setxattr_in without FUSE_SETXATTR_EXT: { size, flags }
+            let (size, flags) = (
+                a.u32(0).ok_or_else(inval)? as usize,
+                a.i32(4).ok_or_else(inval)?,
+            );
+            let (name, value) = {
+                let mut n = Names(&payload[..len]);
+                let name = n.next_name().ok_or_else(inval)?.to_os_string();
+                let value = n.rest().get(..size).ok_or_else(inval)?.to_vec();
+                (name, value)
+            };
+            guard(|| fs.do_setxattr(ino, &name, &value, flags)).map_err(code)?;
+            Ok(0)
+        }
+        op::GETXATTR | op::LISTXATTR => {
+            // struct fuse_getxattr_in { size, padding }
+            let size = a.u32(0).ok_or_else(inval)? as usize;
+            let value = if h.opcode == op::GETXATTR {
+                let name = first_name()?;
+                guard(|| fs.do_getxattr(ino, &name)).map_err(code)?
+            } else {
+                guard(|| fs.do_listxattr(ino)).map_err(code)?
+            };
+            let mut out = Out::new(payload);
+            if size == 0 {
+                // struct fuse_getxattr_out { size, padding }
+                out.write_out(value.len() as u32).map_err(full)?;
+            } else if value.len() > size {
+                return Err(libc::ERANGE);
+            } else {
+                out.bytes(&value).map_err(full)?;
+            }
+            Ok(out.len())
+        }
+        op::REMOVEXATTR => {
+            let name = first_name()?;
+            guard(|| fs.do_removexattr(ino, &name)).map_err(code)?;
+            Ok(0)
+        }
+        op::OPENDIR => {
+            let fh = guard(|| fs.do_opendir(ino)).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.open_out(fh, fuse::opendir_flags().bits(), 0)
+                .map_err(full)?;
+            Ok(out.len())
+        }
+        op::READDIR => {
+            let (fh, offset, size) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.u64(8).ok_or_else(inval)?,
+                a.u32(16).ok_or_else(inval)? as usize,
+            );
+            let entries = guard(|| fs.do_readdir(fh, offset)).map_err(code)?;
+            let room = size.min(payload.len());
+            let mut out = Out::new(&mut payload[..room]);
+            for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                if out.dirent(e.ino, (i + 1) as u64, e.kind, &e.name).is_err() {
+                    break;
+                }
+            }
+            Ok(out.len())
+        }
+        op::READDIRPLUS => {
+            let (fh, offset, size) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.u64(8).ok_or_else(inval)?,
+                a.u32(16).ok_or_else(inval)? as usize,
+            );
+            let room = size.min(payload.len());
+            let mut out = Out::new(&mut payload[..room]);
+            fuse::readdirplus_entries(fs, ino, fh, offset, |next, name, ttl, attr| {
+                out.direntplus(next, name, ttl, attr).is_err()
+            })
+            .map_err(code)?;
+            Ok(out.len())
+        }
+        op::ACCESS => {
+            // struct fuse_access_in { mask, padding }
+            let mask = a.i32(0).ok_or_else(inval)?;
+            guard(|| fs.do_access(ino, mask, caller)).map_err(code)?;
+            Ok(0)
+        }
+        op::CREATE => {
+            // struct fuse_create_in { flags, mode, umask, open_flags }
+            let name = first_name()?;
+            let (flags, mode, umask) = (
+                a.i32(0).ok_or_else(inval)?,
+                a.u32(4).ok_or_else(inval)?,
+                a.u32(8).ok_or_else(inval)?,
+            );
+            let (attr, _, fh, plan) =
+                guard(|| fs.do_create(ino, &name, mode, umask, flags, caller)).map_err(code)?;
+            let (flags, backing) = fuse::open_flags(fs, fh, plan, |fd| register(dev, fd));
+            let mut out = Out::new(payload);
+            out.entry(fs.ttl(), &attr).map_err(full)?;
+            open_out(&mut out, fh, flags, backing.as_deref())?;
+            Ok(out.len())
+        }
+        op::FALLOCATE => {
+            // struct fuse_fallocate_in { fh, offset, length, mode, padding }
+            let (fh, offset, length, mode) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.i64(8).ok_or_else(inval)?,
+                a.i64(16).ok_or_else(inval)?,
+                a.i32(24).ok_or_else(inval)?,
+            );
+            guard(|| fs.with_file(fh, |fd| sys::fallocate(fd, mode, offset, length)))
+                .map_err(code)?;
+            Ok(0)
+        }
+        op::LSEEK => {
+            // struct fuse_lseek_in { fh, offset, whence, padding }
+            let (fh, offset, whence) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.i64(8).ok_or_else(inval)?,
+                a.i32(16).ok_or_else(inval)?,
+            );
+            let off =
+                guard(|| fs.with_file(fh, |fd| sys::lseek(fd, offset, whence))).map_err(code)?;
+            let mut out = Out::new(payload);
+            out.u64(off as u64).map_err(full)?;
+            Ok(out.len())
+        }
+        op::COPY_FILE_RANGE => {
+            // struct fuse_copy_file_range_in { fh_in, off_in, nodeid_out, fh_out, off_out,
+            // len, flags }
+            let (fh_in, off_in, fh_out, off_out, n) = (
+                a.u64(0).ok_or_else(inval)?,
+                a.i64(8).ok_or_else(inval)?,
+                a.u64(24).ok_or_else(inval)?,
+                a.i64(32).ok_or_else(inval)?,
+                a.u64(40).ok_or_else(inval)?,
+            );
+            let done = guard(|| {
+                fs.with_file(fh_in, |fin| {
+                    fs.with_file(fh_out, |fout| {
+                        let (mut oi, mut oo) = (off_in, off_out);
+                        let n = n.min(u64::from(u32::MAX)) as usize;
+                        sys::copy_file_range(fin, &mut oi, fout, &mut oo, n)
+                    })
+                })
+            })
+            .map_err(code)?;
+            let mut out = Out::new(payload);
+            out.write_out(done as u32).map_err(full)?;
+            Ok(out.len())
+        }
+        // The kernel's forced FORGET of a READDIRPLUS entry it could not use (struct
+        // fuse_forget_in { nlookup }); it waits for the commit, with nothing in it.
+        op::FORGET => {
+            fs.do_forget(ino, a.u64(0).ok_or_else(inval)?);
+            Ok(0)
+        }
+        // We never ask for FUSE_NOTIFY_RETRIEVE data.
+        op::NOTIFY_REPLY => Ok(0),
+        // As fuser answers what we do not implement: the kernel then stops asking (locks,
+        // ioctl, poll, bmap, tmpfile, statx, syncfs).
+        _ => Err(libc::ENOSYS),
+    }
+}
+
+/// A reply of one `struct fuse_entry_out` (mknod, mkdir, symlink, link).
+fn entry(fs: &OverlayFs, payload: &mut [u8], attr: &fuser::FileAttr) -> Result<usize, i32> {
+    let mut out = Out::new(payload);
+    out.entry(fs.ttl(), attr).map_err(full)?;
+    Ok(out.len())
+}
+
+fn open_out(
+    out: &mut Out<'_>,
+    fh: u64,
+    flags: FopenFlags,
+    backing: Option<&Backing>,
+) -> Result<(), i32> {
+    let (flags, id) = match backing {
+        Some(Backing::Raw(b)) => (flags, b.id()),
+        // A backing id of fuser's: cannot happen (ring opens register their own), but a
+        // passthrough open without its id would fail, so take the daemon's I/O then.
+        Some(Backing::Fuser(_)) => (FopenFlags::FOPEN_DIRECT_IO | fuse::NOFLUSH, 0),
+        None => (flags, 0),
+    };
+    out.open_out(fh, flags.bits(), id).map_err(full)
+}
+
+fn register(dev: &Arc<OwnedFd>, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Backing> {
+    sys::BackingFile::open(dev, fd).map(Backing::Raw)
+}
