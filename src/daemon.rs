@@ -138,9 +138,9 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         passthrough: root
             && initial_user_namespace()
             && std::env::var_os("STRATAFS_NO_PASSTHROUGH").is_none(),
-        // FUSE over io_uring when the kernel offers it: as root (rings pinned to CPUs serve
-        // every user of the mount) and unless turned off.
-        uring: root && std::env::var_os("STRATAFS_NO_URING").is_none(),
+        // FUSE over io_uring when the kernel offers it (the fuse module's enable_uring),
+        // unless turned off.
+        uring: std::env::var_os("STRATAFS_NO_URING").is_none(),
         metacopy: o.metacopy.unwrap_or(true),
         redirect_dir: o.redirect_dir.unwrap_or(true),
         index: o.index.unwrap_or(true),
@@ -248,10 +248,13 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         )
     };
     if served.uring_agreed() {
-        let started = session
-            .as_fd()
-            .try_clone_to_owned()
-            .and_then(|dev| uring::start(served.clone(), dev));
+        let started = session.as_fd().try_clone_to_owned().and_then(|dev| {
+            let acl = uring::Acl {
+                allowed: config.acl,
+                owner: sys::geteuid(),
+            };
+            uring::start(served.clone(), dev, acl)
+        });
         if let Err(e) = started {
             tracing::warn!("FUSE over io_uring not started ({e}); serving /dev/fuse");
         }

@@ -25,8 +25,49 @@ use crate::sys::fuse_ring::{self, Ring};
 use crate::sys::{self, SetTime};
 
 /// Threads (each with one ring entry) per queue: a request that takes long (a copy-up, an
-/// fsync) holds one, and the others keep serving that CPU.
-const THREADS_PER_QUEUE: usize = 3;
+/// fsync) holds one, and the others keep serving that CPU. Fewer on big machines, down to one
+/// per queue from 16 CPUs on.
+fn threads_per_queue(queues: usize) -> usize {
+    (16 / queues.max(1)).clamp(1, 3)
+}
+
+/// How long a thread polls its ring (yielding the CPU) after a reply before it sleeps: a
+/// caller making request after request (untar, rm -rf) then finds this CPU busy, so the
+/// scheduler wakes it here, where its next request is served, instead of on an idle CPU,
+/// whose wakeup costs far more than the request on a VM. An idle mount costs nothing.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Who may use the mount, as fuser's session checks it (`SessionACL`), with the mount owner.
+#[derive(Debug, Clone, Copy)]
+pub struct Acl {
+    pub allowed: fuser::SessionACL,
+    pub owner: u32,
+}
+
+impl Acl {
+    /// fuser's check: without allow_other only the owner (and root with allow_root) may make
+    /// requests, except those the kernel makes on its own behalf.
+    fn refuses(&self, h: &InHeader) -> bool {
+        let other = match self.allowed {
+            fuser::SessionACL::All => false,
+            fuser::SessionACL::RootAndOwner => h.uid != self.owner && h.uid != 0,
+            fuser::SessionACL::Owner => h.uid != self.owner,
+        };
+        other
+            && !matches!(
+                h.opcode,
+                op::READ
+                    | op::READDIR
+                    | op::READDIRPLUS
+                    | op::FORGET
+                    | op::WRITE
+                    | op::FSYNC
+                    | op::FSYNCDIR
+                    | op::RELEASE
+                    | op::RELEASEDIR
+            )
+    }
+}
 
 /// The payload buffer of an entry: the kernel wants room for max_write and max_pages.
 const PAYLOAD_LEN: usize = 1 << 20;
@@ -40,18 +81,18 @@ fn possible_cpus() -> Option<usize> {
 
 /// Starts the ring threads for the connection behind `dev`. Errors before any thread runs
 /// leave everything on /dev/fuse.
-pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd) -> io::Result<()> {
+pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
     let dev = Arc::new(dev);
     let queues = possible_cpus().ok_or_else(|| io::Error::other("cannot count the CPUs"))?;
     let threads = std::env::var("STRATAFS_URING_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or(THREADS_PER_QUEUE)
+        .unwrap_or_else(|| threads_per_queue(queues))
         .clamp(1, 64);
     let spin = std::env::var("STRATAFS_URING_SPIN_US")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(0);
+        .map_or(SPIN, std::time::Duration::from_micros);
     for qid in 0..queues {
         for t in 0..threads {
             let fs = fs.clone();
@@ -66,9 +107,9 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd) -> io::Result<()> {
                     let _ = sys::pin_to_cpu(qid);
                     match Ring::register(dev.clone(), qid as u16, 1, PAYLOAD_LEN) {
                         Ok(mut ring) => {
-                            ring.set_spin(std::time::Duration::from_micros(spin));
+                            ring.set_spin(spin);
                             let _ = tx.send(Ok(()));
-                            serve(&fs, &dev, ring);
+                            serve(&fs, &dev, ring, acl);
                         }
                         Err(e) => {
                             let _ = tx.send(Err(e));
@@ -84,7 +125,7 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd) -> io::Result<()> {
 }
 
 /// One thread's loop: take a request, answer it, until the connection goes.
-fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring) {
+fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl) {
     loop {
         let slot = match ring.next_request() {
             Ok(s) => s,
@@ -98,7 +139,12 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring) {
             Some(h) => {
                 let op_in: [u8; 128] = header[fuse_ring::OP_IN].try_into().expect("128 bytes");
                 let len = len.min(payload.len());
-                match handle(fs, dev, &h, &op_in, payload, len) {
+                let res = if acl.refuses(&h) {
+                    Err(libc::EACCES)
+                } else {
+                    handle(fs, dev, &h, &op_in, payload, len)
+                };
+                match res {
                     Ok(n) => (
                         wire::out_header(h.unique, 0, (wire::OUT_HEADER_LEN + n) as u32),
                         n,
