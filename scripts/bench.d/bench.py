@@ -2,6 +2,11 @@
 """Benchmark driver behind scripts/bench: kernel overlayfs vs fuse-overlayfs 1.10 vs
 fuse-overlayfs 2.0 (Rust) vs stratafs, over one generated layered image.
 
+stratafs runs twice: as `stratafs`, over FUSE-over-io_uring (the bench turns the fuse
+module's enable_uring on for the run and back after; no other peer uses it), and as
+`stratafs-dev`, the same binary over /dev/fuse (STRATAFS_NO_URING=1), which is what a host
+with enable_uring off gets.
+
 Every (workload, peer) runs on a fresh mount with a fresh upper and work dir. Rounds
 are interleaved: in round r every workload runs once per peer, the peer order rotated
 by r. Cells show the median and, with more than one round, min..max.
@@ -333,8 +338,13 @@ def gen_image(cache, cfg):
 
 
 class Peer:
-    def __init__(self, key, label, binary=None):
+    def __init__(self, key, label, binary=None, env=None):
         self.key, self.label, self.binary = key, label, binary
+        self.env = env
+
+    @property
+    def is_stratafs(self):
+        return self.key.startswith("stratafs")
 
     @property
     def fuse(self):
@@ -413,7 +423,7 @@ class Mount:
         else:
             cmd = [p.binary, "-o", opts, self.mnt]
         try:
-            run(cmd, 60)
+            run(cmd, 60, env=dict(os.environ, **p.env) if p.env else None)
             deadline = time.time() + 20
             while not is_mounted(self.mnt):
                 if time.time() > deadline:
@@ -444,7 +454,7 @@ class Mount:
         if is_mounted(self.mnt):
             ok = False
             try:
-                if self.peer.key == "stratafs":
+                if self.peer.is_stratafs:
                     run([self.peer.binary, "umount", self.mnt], 60)
                 else:
                     run(["umount", self.mnt], 60)
@@ -904,7 +914,12 @@ def report(b, peers, workloads, repo):
         elif p.key == "fo2":
             L.append(f"- fo-2.0: {version_of([p.binary, '--version'])} ({p.binary})")
         elif p.key == "stratafs":
-            L.append(f"- stratafs: {getattr(b, 'stratafs_desc', stratafs_rev)}")
+            L.append(f"- stratafs: {getattr(b, 'stratafs_desc', stratafs_rev)}; "
+                     + ("over FUSE-over-io_uring (fuse enable_uring=Y, set by the bench for "
+                        "the run)" if getattr(b, "uring", False) else "over /dev/fuse"))
+        elif p.key == "stratafs-dev":
+            L.append("- stratafs-dev: the same binary over /dev/fuse (STRATAFS_NO_URING=1), "
+                     "as on a host with enable_uring off")
     import resource
     L.append(f"- RLIMIT_NOFILE (soft/hard) the daemons start with: "
              f"{'/'.join(str(x) for x in resource.getrlimit(resource.RLIMIT_NOFILE))}")
@@ -994,7 +1009,8 @@ def report(b, peers, workloads, repo):
     return "\n".join(L) + "\n", ratios
 
 
-COLORS = {"fo1": "#d95f02", "fo2": "#7570b3", "stratafs": "#1b9e77"}
+COLORS = {"fo1": "#d95f02", "fo2": "#7570b3", "stratafs": "#1b9e77",
+          "stratafs-dev": "#66a61e"}
 
 
 def svg_chart(ratios, peers, labels, title):
@@ -1082,6 +1098,7 @@ ALIASES = {
     "fo1": "fo1", "fo-1.10": "fo1", "fo1.10": "fo1", "fuse-overlayfs": "fo1",
     "fo2": "fo2", "fo-2.0": "fo2", "fo2.0": "fo2",
     "stratafs": "stratafs",
+    "stratafs-dev": "stratafs-dev", "stratafs-devfuse": "stratafs-dev",
 }
 
 
@@ -1154,6 +1171,21 @@ def cleanup_stale(cache):
         shutil.rmtree(path, ignore_errors=True)
 
 
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def set_uring(value):
+    """Sets the fuse module's enable_uring; returns the value it had, None if it cannot."""
+    try:
+        with open(URING_PARAM) as f:
+            before = f.read().strip()
+        with open(URING_PARAM, "w") as f:
+            f.write(value)
+        return before
+    except OSError:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1161,8 +1193,9 @@ def main():
                     help="smaller image (256 MiB file, 10k tree), 1 round, 2 s random I/O")
     ap.add_argument("--only", help="comma-separated workloads: " +
                     ",".join(w[0] for w in WORKLOADS))
-    ap.add_argument("--peers", default="kernel,fo1,fo2,stratafs",
-                    help="comma-separated: kernel, fo1 (fo-1.10), fo2 (fo-2.0), stratafs")
+    ap.add_argument("--peers", default="kernel,fo1,fo2,stratafs,stratafs-dev",
+                    help="comma-separated: kernel, fo1 (fo-1.10), fo2 (fo-2.0), stratafs "
+                    "(over io_uring), stratafs-dev (over /dev/fuse)")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--cache", default=os.environ.get("STRATAFS_BENCH_CACHE", "/var/tmp/stratafs-bench"))
     ap.add_argument("--fs", choices=["ext4", "host"], default="ext4",
@@ -1222,6 +1255,11 @@ def main():
             bp = stratafs_binary(args, b)
             if bp:
                 peers.append(Peer("stratafs", "stratafs", bp))
+        elif key == "stratafs-dev":
+            bp = stratafs_binary(args, b)
+            if bp:
+                peers.append(Peer("stratafs-dev", "stratafs-dev", bp,
+                                  env={"STRATAFS_NO_URING": "1"}))
     if not peers:
         sys.exit("no peers to run")
 
@@ -1230,13 +1268,22 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
-    with (Volume(args.cache) if args.fs == "ext4" else HostDir(args.cache)) as vol:
-        try:
-            b.main(peers, workloads, vol.root)
-        finally:
-            if b.runroot:
-                unmount_under(b.runroot, say=True)
-                shutil.rmtree(b.runroot, ignore_errors=True)
+    uring_before = set_uring("Y")
+    if uring_before is None:
+        b.notes.append("FUSE over io_uring unavailable (no writable "
+                       f"{URING_PARAM}): stratafs ran over /dev/fuse too")
+    try:
+        with (Volume(args.cache) if args.fs == "ext4" else HostDir(args.cache)) as vol:
+            try:
+                b.main(peers, workloads, vol.root)
+            finally:
+                if b.runroot:
+                    unmount_under(b.runroot, say=True)
+                    shutil.rmtree(b.runroot, ignore_errors=True)
+    finally:
+        if uring_before is not None:
+            set_uring(uring_before)
+    b.uring = uring_before is not None
 
     md, ratios = report(b, peers, workloads, args.repo)
     print(md)
