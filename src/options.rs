@@ -273,7 +273,12 @@ pub struct MountPlan {
 fn canonical_dir(what: &str, p: &Path) -> Result<PathBuf, OptionError> {
     let abs = std::path::absolute(p).map_err(|e| OptionError::Path(what.into(), e.to_string()))?;
     let fail = |e: std::io::Error| {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
+        // ENOTCONN once a dead daemon's connection is torn down; ECONNABORTED and (over
+        // io_uring) ECANCELED for a moment before that.
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+        ) {
             OptionError::Layout(format!(
                 "{what} '{}' is a mount whose daemon died: run 'stratafs umount {}'",
                 p.display(),
