@@ -247,7 +247,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             }),
         )
     };
-    if served.uring_agreed() {
+    if served.uring_offered() {
         let started = session.as_fd().try_clone_to_owned().and_then(|dev| {
             let acl = uring::Acl {
                 allowed: config.acl,

@@ -1120,7 +1120,14 @@ def ensure_fo2(cache, notes):
 
 def stratafs_binary(args, b):
     """--stratafs-bin as given; --stratafs-rev REV: `git archive REV` built in the cache
-    (a committed revision, immune to edits in progress); else the work tree."""
+    (a committed revision, immune to edits in progress); else the work tree. Built once
+    per run, whichever stratafs peers use it."""
+    if not hasattr(b, "stratafs_bin"):
+        b.stratafs_bin = build_stratafs(args, b)
+    return b.stratafs_bin
+
+
+def build_stratafs(args, b):
     if args.stratafs_bin:
         b.stratafs_desc = f"{args.stratafs_bin} (given)"
         return args.stratafs_bin

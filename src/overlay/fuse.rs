@@ -256,10 +256,14 @@ impl Filesystem for FuseFs {
         // security.capability before every write; S_ISUID/S_ISGID are ours to clear (privs.rs).
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config.set_max_write(1 << 20);
+        // The kernel offers FUSE over io_uring when the fuse module's enable_uring is on. We
+        // register rings without asking for it here: asked for, the kernel holds every request
+        // until all queues are registered, so a ring that failed to set up would hang the
+        // mount; not asked for, requests stay on /dev/fuse until the rings are ready.
         let uring = self.want_uring
             && config
-                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
-                .is_ok();
+                .capabilities()
+                .contains(InitFlags::FUSE_OVER_IO_URING);
         self.uring.store(uring, Ordering::Relaxed);
         Ok(())
     }

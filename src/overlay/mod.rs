@@ -106,7 +106,7 @@ pub struct OverlayFs {
     /// Ask for passthrough at init.
     want_passthrough: bool,
     want_uring: bool,
-    /// The kernel agreed to FUSE over io_uring at FUSE_INIT.
+    /// The kernel offered FUSE over io_uring at FUSE_INIT.
     uring: AtomicBool,
     metacopy: bool,
     redirect_dir: bool,
@@ -885,8 +885,8 @@ impl OverlayFs {
         Ok(self.attr(&node, &st))
     }
 
-    /// Did FUSE_INIT agree to FUSE over io_uring? (Then `uring::start` may serve requests.)
-    pub fn uring_agreed(&self) -> bool {
+    /// Did FUSE_INIT offer FUSE over io_uring? (Then `uring::start` may serve requests.)
+    pub fn uring_offered(&self) -> bool {
         self.uring.load(Ordering::Relaxed)
     }
 
