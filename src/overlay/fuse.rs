@@ -90,8 +90,10 @@ pub(super) fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
 /// - `panic-lookup:NAME`: a LOOKUP of NAME panics inside its handler, so tests can check that
 ///   [`guard`] fails that request alone;
 /// - `eio-read:NAME`: every READ of a file last seen under the name NAME fails with EIO, as a
-///   bad block of a lower disk would, for a mount stacked on this one.
-fn failpoint(kind: &str) -> Option<&'static OsStr> {
+///   bad block of a lower disk would, for a mount stacked on this one;
+/// - `uring-setup:N`: setting up the io_uring transport fails at queue N, after the queues
+///   before it were registered.
+pub(super) fn failpoint(kind: &str) -> Option<&'static OsStr> {
     use std::os::unix::ffi::OsStrExt;
     static FP: std::sync::OnceLock<Option<(String, std::ffi::OsString)>> =
         std::sync::OnceLock::new();

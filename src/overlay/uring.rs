@@ -93,7 +93,13 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .map_or(SPIN, std::time::Duration::from_micros);
+    let fail_at = fuse::failpoint("uring-setup")
+        .and_then(|q| q.to_str())
+        .and_then(|q| q.parse::<usize>().ok());
     for qid in 0..queues {
+        if fail_at == Some(qid) {
+            return Err(io::Error::other(format!("failpoint uring-setup:{qid}")));
+        }
         for t in 0..threads {
             let fs = fs.clone();
             let dev = dev.clone();

@@ -337,3 +337,38 @@ fn requests_go_over_io_uring_exactly_when_the_kernel_offers_it() {
         m.unmount();
     }
 }
+
+/// A ring that fails to set up part way (here: queue 1 never registered, so the kernel never
+/// switches to the ring) leaves the mount working over /dev/fuse, not waiting for queues that
+/// will never come.
+#[test]
+fn a_failed_io_uring_setup_leaves_the_mount_on_dev_fuse() {
+    let cpus = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("d").file("d/f", b"lower\n");
+    fx.seal();
+    let m = Mount::stratafs_env(
+        &fx.layers(),
+        &fx.mnt,
+        "",
+        &[("STRATAFS_FAILPOINT", "uring-setup:1")],
+    );
+    // Off the test thread, so a hang shows as a timeout instead of a stuck test.
+    let root = m.path().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = (|| -> std::io::Result<()> {
+            assert_eq!(fs::read(root.join("d/f"))?, b"lower\n");
+            fs::write(root.join("d/new"), b"upper\n")?;
+            assert_eq!(fs::read(root.join("d/new"))?, b"upper\n");
+            fs::remove_file(root.join("d/f"))?;
+            Ok(())
+        })();
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(r) => r.expect("I/O on a mount whose ring setup failed"),
+        Err(_) => panic!("requests hang on a mount whose ring setup failed ({cpus})"),
+    }
+    m.unmount();
+}
