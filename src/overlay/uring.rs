@@ -150,6 +150,15 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl) {
                 } else {
                     handle(fs, dev, &h, &op_in, payload, len)
                 };
+                // What `-d` shows of each request, as fuser does for /dev/fuse.
+                tracing::debug!(
+                    "io_uring({}) op {} node {} uid {} -> {:?}",
+                    h.unique,
+                    h.opcode,
+                    h.nodeid,
+                    h.uid,
+                    res.map_err(io::Error::from_raw_os_error)
+                );
                 match res {
                     Ok(n) => (
                         wire::out_header(h.unique, 0, (wire::OUT_HEADER_LEN + n) as u32),
