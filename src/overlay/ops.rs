@@ -1187,8 +1187,15 @@ impl OverlayFs {
     }
 
     pub fn do_read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        let n = self.do_read_into(fh, offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` into `buf` (short only at end of file).
+    pub fn do_read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         self.with_file(fh, |fd| {
-            let mut buf = vec![0u8; size as usize];
             let mut done = 0;
             while done < buf.len() {
                 let n = sys::pread(fd, &mut buf[done..], offset as i64 + done as i64)?;
@@ -1197,8 +1204,7 @@ impl OverlayFs {
                 }
                 done += n;
             }
-            buf.truncate(done);
-            Ok(buf)
+            Ok(done)
         })
     }
 
