@@ -915,14 +915,15 @@ pub mod fuse_ring {
         }
 
         /// Hands what was committed to the kernel and waits for the next request; returns the
-        /// slot that holds it. An error (ENOTCONN, ENODEV at unmount) ends the queue.
-        pub fn next_request(&mut self) -> io::Result<usize> {
+        /// slot that holds it. It polls (see `set_spin`) while `poll_on()` says so, then
+        /// sleeps. An error (ENOTCONN, ENODEV at unmount) ends the queue.
+        pub fn next_request(&mut self, poll_on: impl Fn() -> bool) -> io::Result<usize> {
             let started = std::time::Instant::now();
             loop {
                 if let Some(i) = self.ready.pop_front() {
                     return Ok(i);
                 }
-                let poll = !self.spin.is_zero() && started.elapsed() < self.spin;
+                let poll = !self.spin.is_zero() && started.elapsed() < self.spin && poll_on();
                 if poll && !self.ring.submission().is_empty() {
                     self.ring.submit()?;
                 } else if poll && !self.ring.submission().taskrun() {

@@ -100,9 +100,12 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
         if fail_at == Some(qid) {
             return Err(io::Error::other(format!("failpoint uring-setup:{qid}")));
         }
+        // The thread of this queue that replied last: the one that polls.
+        let last = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
         for t in 0..threads {
             let fs = fs.clone();
             let dev = dev.clone();
+            let last = last.clone();
             // Register in the thread: the ring belongs to the task that set it up, which is
             // where the kernel copies requests into its buffers.
             let (tx, rx) = std::sync::mpsc::channel();
@@ -115,7 +118,7 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
                         Ok(mut ring) => {
                             ring.set_spin(spin);
                             let _ = tx.send(Ok(()));
-                            serve(&fs, &dev, ring, acl);
+                            serve(&fs, &dev, ring, acl, &Poller { last, me: t });
                         }
                         Err(e) => {
                             let _ = tx.send(Err(e));
@@ -130,10 +133,28 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
     Ok(())
 }
 
+/// Which thread of a queue polls: the one that replied last, which is also the one whose
+/// entry the kernel hands the next request (it takes the entry that became free last). The
+/// others sleep at once instead of taking turns on the CPU with it.
+struct Poller {
+    last: Arc<std::sync::atomic::AtomicUsize>,
+    me: usize,
+}
+
+impl Poller {
+    fn replied(&self) {
+        self.last
+            .store(self.me, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn mine(&self) -> bool {
+        self.last.load(std::sync::atomic::Ordering::Relaxed) == self.me
+    }
+}
+
 /// One thread's loop: take a request, answer it, until the connection goes.
-fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl) {
+fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl, poller: &Poller) {
     loop {
-        let slot = match ring.next_request() {
+        let slot = match ring.next_request(|| poller.mine()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("io_uring queue ends: {e}");
@@ -176,6 +197,7 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl) {
             tracing::error!("io_uring commit failed: {e}");
             return;
         }
+        poller.replied();
     }
 }
 
