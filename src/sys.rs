@@ -909,6 +909,10 @@ pub mod fuse_ring {
             Ok(())
         }
 
+        pub fn qid(&self) -> u16 {
+            self.qid
+        }
+
         /// Polls for `spin` before `next_request` sleeps.
         pub fn set_spin(&mut self, spin: std::time::Duration) {
             self.spin = spin;

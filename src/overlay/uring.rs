@@ -156,8 +156,19 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl, poller: &
     loop {
         let slot = match ring.next_request(|| poller.mine()) {
             Ok(s) => s,
-            Err(e) => {
+            // The connection going (unmount, abort) ends every thread; anything else ends
+            // only this one, and its queue keeps the others.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV | libc::ECANCELED)
+                ) =>
+            {
                 tracing::debug!("io_uring queue ends: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("io_uring thread of queue {} ends: {e}", ring.qid());
                 return;
             }
         };
