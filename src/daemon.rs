@@ -255,8 +255,9 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             };
             uring::start(served.clone(), dev, acl)
         });
-        if let Err(e) = started {
-            tracing::warn!("FUSE over io_uring not started ({e}); serving /dev/fuse");
+        match started {
+            Ok(()) => served.set_rings_running(),
+            Err(e) => tracing::warn!("FUSE over io_uring not started ({e}); serving /dev/fuse"),
         }
     }
     // The mount's st_dev, from mountinfo: a stat of the mountpoint would wait on ourselves.

@@ -799,11 +799,57 @@ pub mod fuse_ring {
     const CMD_REGISTER: u32 = 1;
     const CMD_COMMIT_AND_FETCH: u32 = 2;
 
-    /// One entry's buffers; their addresses never change (boxed), and they are never freed
-    /// (see `Drop for Ring`).
+    /// A buffer the kernel writes into behind our back: held as a raw allocation (never as a
+    /// `Box`, whose uniqueness the kernel's writes would break), freed only by `Slot::drop`.
+    struct Buf {
+        ptr: std::ptr::NonNull<u8>,
+        len: usize,
+    }
+
+    impl Buf {
+        fn new(len: usize) -> Buf {
+            let raw = Box::into_raw(vec![0u8; len].into_boxed_slice());
+            Buf {
+                ptr: std::ptr::NonNull::new(raw.cast::<u8>()).expect("Box pointers are non-null"),
+                len,
+            }
+        }
+        fn iovec(&self) -> libc::iovec {
+            libc::iovec {
+                iov_base: self.ptr.as_ptr().cast(),
+                iov_len: self.len,
+            }
+        }
+        /// SAFETY (for callers): the kernel must not own the buffer (its slot is not
+        /// `in_kernel`), and no other slice of it may be alive.
+        unsafe fn slice(&mut self) -> &mut [u8] {
+            // SAFETY: `ptr` is a live allocation of `len` bytes (freed only in `drop`); the
+            // caller guarantees exclusive access.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl Drop for Buf {
+        fn drop(&mut self) {
+            // SAFETY: `ptr`/`len` came from `Box::into_raw` of a boxed slice of `len` bytes,
+            // and this is the only place that frees it.
+            drop(unsafe {
+                Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.ptr.as_ptr(),
+                    self.len,
+                ))
+            });
+        }
+    }
+
+    // SAFETY: a Buf is plain memory owned by one Ring, which one thread uses.
+    unsafe impl Send for Buf {}
+
+    /// One entry's buffers and the iovecs REGISTER pointed the kernel at. Never freed while
+    /// the kernel holds them (see `Drop for Ring`).
     struct Slot {
-        header: Box<[u8; HEADER_LEN]>,
-        payload: Box<[u8]>,
+        header: Buf,
+        payload: Buf,
         iov: Box<[libc::iovec; 2]>,
         /// Handed to the kernel (registered or committed) and not completed since.
         in_kernel: bool,
@@ -815,8 +861,12 @@ pub mod fuse_ring {
         qid: u16,
         slots: Vec<Slot>,
         ready: VecDeque<usize>,
-        /// How long `next_request` polls before it sleeps.
+        /// An error completion seen beside requests that are still to be served.
+        failed: Option<i32>,
+        /// How long `next_request` polls before it sleeps; zero where the ring cannot tell
+        /// that work is pending without entering the kernel.
         spin: std::time::Duration,
+        can_poll: bool,
     }
 
     /// The 80 bytes of a command's `struct fuse_uring_cmd_req`: flags, commit_id, qid.
@@ -850,33 +900,29 @@ pub mod fuse_ring {
             let entries = (slots as u32).next_power_of_two().max(4);
             // Task work (the kernel copying a request into our buffers) runs when we wait,
             // not by interrupting us.
-            let ring = IoUring::builder()
+            let (ring, can_poll) = match IoUring::builder()
                 .setup_single_issuer()
                 .setup_defer_taskrun()
                 .setup_taskrun_flag()
                 .build(entries)
-                .or_else(|_| IoUring::builder().build(entries))?;
+            {
+                Ok(r) => (r, true),
+                Err(_) => (IoUring::builder().build(entries)?, false),
+            };
             let mut r = Ring {
                 ring,
                 dev,
                 qid,
                 slots: Vec::with_capacity(slots),
                 ready: VecDeque::new(),
+                failed: None,
                 spin: std::time::Duration::ZERO,
+                can_poll,
             };
             for i in 0..slots {
-                let mut header = Box::new([0u8; HEADER_LEN]);
-                let mut payload = vec![0u8; payload_len].into_boxed_slice();
-                let iov = Box::new([
-                    libc::iovec {
-                        iov_base: header.as_mut_ptr().cast(),
-                        iov_len: HEADER_LEN,
-                    },
-                    libc::iovec {
-                        iov_base: payload.as_mut_ptr().cast(),
-                        iov_len: payload_len,
-                    },
-                ]);
+                let header = Buf::new(HEADER_LEN);
+                let payload = Buf::new(payload_len);
+                let iov = Box::new([header.iovec(), payload.iovec()]);
                 r.slots.push(Slot {
                     header,
                     payload,
@@ -892,6 +938,14 @@ pub mod fuse_ring {
                 r.push(i, with_len(e, 2))?;
             }
             r.ring.submit()?;
+            // A REGISTER that worked completes only when a request comes; one that failed has
+            // completed already.
+            if let Some(c) = r.ring.completion().next() {
+                if let Some(slot) = r.slots.get_mut(c.user_data() as usize) {
+                    slot.in_kernel = false;
+                }
+                return Err(io::Error::from_raw_os_error(-c.result().min(-1)));
+            }
             Ok(r)
         }
 
@@ -913,9 +967,12 @@ pub mod fuse_ring {
             self.qid
         }
 
-        /// Polls for `spin` before `next_request` sleeps.
+        /// Polls for `spin` before `next_request` sleeps (where the ring can tell that a
+        /// request is pending without entering the kernel: DEFER_TASKRUN with TASKRUN_FLAG).
         pub fn set_spin(&mut self, spin: std::time::Duration) {
-            self.spin = spin;
+            if self.can_poll {
+                self.spin = spin;
+            }
         }
 
         /// Hands what was committed to the kernel and waits for the next request; returns the
@@ -927,22 +984,29 @@ pub mod fuse_ring {
                 if let Some(i) = self.ready.pop_front() {
                     return Ok(i);
                 }
+                if let Some(err) = self.failed.take() {
+                    return Err(io::Error::from_raw_os_error(err));
+                }
                 let poll = !self.spin.is_zero() && started.elapsed() < self.spin && poll_on();
-                if poll && !self.ring.submission().is_empty() {
-                    self.ring.submit()?;
-                } else if poll && !self.ring.submission().taskrun() {
+                // With DEFER_TASKRUN a request arrives as task work the kernel runs only in an
+                // enter that waits (GETEVENTS); IORING_SQ_TASKRUN says some is pending.
+                let want = if !poll || self.ring.submission().taskrun() {
+                    1
+                } else if !self.ring.submission().is_empty() {
+                    0
+                } else {
                     // Keeps this CPU busy (so the scheduler wakes the caller here, where the
                     // reply is) while giving it to anything else that wants to run.
                     std::thread::yield_now();
                     continue;
-                }
-                let want = if poll { 0 } else { 1 };
+                };
                 match self.ring.submit_and_wait(want) {
                     Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
-                let mut failed = None;
                 for c in self.ring.completion() {
                     let i = c.user_data() as usize;
                     let Some(slot) = self.slots.get_mut(i) else {
@@ -950,13 +1014,10 @@ pub mod fuse_ring {
                     };
                     slot.in_kernel = false;
                     if c.result() < 0 {
-                        failed = Some(-c.result());
+                        self.failed = Some(-c.result());
                     } else {
                         self.ready.push_back(i);
                     }
-                }
-                if let Some(err) = failed {
-                    return Err(io::Error::from_raw_os_error(err));
                 }
             }
         }
@@ -966,12 +1027,15 @@ pub mod fuse_ring {
         pub fn request(&mut self, slot: usize) -> (&[u8], &mut [u8], usize) {
             let s = &mut self.slots[slot];
             assert!(!s.in_kernel, "slot {slot} is the kernel's");
+            // SAFETY: the kernel does not own the slot (checked), and the two slices borrow
+            // `self` mutably, so no other slice of these buffers is alive.
+            let (header, payload) = unsafe { (s.header.slice(), s.payload.slice()) };
             let len = u32::from_ne_bytes(
-                s.header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4]
+                header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4]
                     .try_into()
                     .expect("4 bytes"),
             ) as usize;
-            (&s.header[..], &mut s.payload[..], len)
+            (&header[..], payload, len)
         }
 
         /// Replies to the request in `slot` with `out_header` and the first `payload_len`
@@ -985,11 +1049,13 @@ pub mod fuse_ring {
             let qid = self.qid;
             let s = &mut self.slots[slot];
             assert!(!s.in_kernel, "slot {slot} is the kernel's");
-            s.header[IN_OUT.start..IN_OUT.start + 16].copy_from_slice(out_header);
-            s.header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4]
+            // SAFETY: as in `request`; the slice ends before the kernel gets the slot back.
+            let header = unsafe { s.header.slice() };
+            header[IN_OUT.start..IN_OUT.start + 16].copy_from_slice(out_header);
+            header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4]
                 .copy_from_slice(&(payload_len as u32).to_ne_bytes());
             let commit_id = u64::from_ne_bytes(
-                s.header[ENT_COMMIT_ID..ENT_COMMIT_ID + 8]
+                header[ENT_COMMIT_ID..ENT_COMMIT_ID + 8]
                     .try_into()
                     .expect("8 bytes"),
             );

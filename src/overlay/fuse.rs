@@ -226,6 +226,17 @@ pub(super) fn readdirplus_entries(
     Ok(())
 }
 
+impl FuseFs {
+    /// An open served here while the rings run does its I/O through the daemon (see
+    /// `OverlayFs::rings_running`).
+    fn fuser_plan(&self, plan: OpenPlan) -> OpenPlan {
+        match plan {
+            OpenPlan::Passthrough(_) if self.rings_running() => OpenPlan::DirectIo,
+            p => p,
+        }
+    }
+}
+
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for cap in [
@@ -442,6 +453,7 @@ impl Filesystem for FuseFs {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
+        let plan = self.fuser_plan(plan);
         let (flags, backing) = open_flags(self, fh, plan, |fd| {
             reply.open_backing(fd).map(Backing::Fuser)
         });
@@ -677,7 +689,7 @@ impl Filesystem for FuseFs {
     ) {
         let (attr, fh, plan) =
             match guard(|| self.do_create(parent, name, mode, umask, flags, caller(req))) {
-                Ok((attr, _, fh, plan)) => (attr, fh, plan),
+                Ok((attr, _, fh, plan)) => (attr, fh, self.fuser_plan(plan)),
                 Err(e) => return reply.error(errno(e)),
             };
         let ttl = self.ttl();

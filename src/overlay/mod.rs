@@ -108,6 +108,8 @@ pub struct OverlayFs {
     want_uring: bool,
     /// The kernel offered FUSE over io_uring at FUSE_INIT.
     uring: AtomicBool,
+    /// The io_uring transport serves the requests (every queue registered).
+    rings: AtomicBool,
     metacopy: bool,
     redirect_dir: bool,
     /// `<workdir>/stratafs-index`: one hard link per copied-up inode that has several names
@@ -335,6 +337,7 @@ impl OverlayFs {
             want_passthrough: cfg.passthrough,
             want_uring: cfg.uring,
             uring: AtomicBool::new(false),
+            rings: AtomicBool::new(false),
             metacopy: cfg.metacopy,
             redirect_dir: cfg.redirect_dir,
             mount_dev: Arc::new(std::sync::OnceLock::new()),
@@ -888,6 +891,19 @@ impl OverlayFs {
     /// Did FUSE_INIT offer FUSE over io_uring? (Then `uring::start` may serve requests.)
     pub fn uring_offered(&self) -> bool {
         self.uring.load(Ordering::Relaxed)
+    }
+
+    /// From now on the io_uring transport serves the requests (`uring::start` succeeded).
+    pub fn set_rings_running(&self) {
+        self.rings.store(true, Ordering::SeqCst);
+    }
+
+    /// Does the io_uring transport serve the requests? Then what still reaches fuser's
+    /// /dev/fuse threads was queued before the rings were ready, and an open among it must
+    /// not pass through: its backing id would be fuser's, which the rings cannot send, so a
+    /// later open of the same inode over the ring could neither share it nor do without it.
+    pub fn rings_running(&self) -> bool {
+        self.rings.load(Ordering::SeqCst)
     }
 
     pub fn ttl(&self) -> Duration {

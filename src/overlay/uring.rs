@@ -25,10 +25,10 @@ use crate::sys::fuse_ring::{self, Ring};
 use crate::sys::{self, SetTime};
 
 /// Threads (each with one ring entry) per queue: a request that takes long (a copy-up, an
-/// fsync) holds one, and the others keep serving that CPU. Fewer on big machines, down to one
-/// per queue from 16 CPUs on.
-fn threads_per_queue(queues: usize) -> usize {
-    (16 / queues.max(1)).clamp(1, 3)
+/// fsync) holds one, and the others keep serving that CPU (requests never move to another
+/// CPU's queue). Three on small machines, two from 8 online CPUs on.
+fn threads_per_queue(online: usize) -> usize {
+    (16 / online.max(1)).clamp(2, 3)
 }
 
 /// How long a thread polls its ring (yielding the CPU) after a reply before it sleeps: a
@@ -74,9 +74,32 @@ const PAYLOAD_LEN: usize = 1 << 20;
 
 /// The number of queues the kernel keeps: one per possible CPU (`nr_cpu_ids`).
 fn possible_cpus() -> Option<usize> {
-    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
-    let last = s.trim().rsplit([',', '-']).next()?;
-    Some(last.parse::<usize>().ok()? + 1)
+    count_cpu_list(
+        std::fs::read_to_string("/sys/devices/system/cpu/possible")
+            .ok()?
+            .trim(),
+    )
+}
+
+/// The number of CPUs in a list such as `0-3,8-11` (`num_possible_cpus`, which the kernel
+/// makes its queue count).
+fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    Some(n)
 }
 
 /// Starts the ring threads for the connection behind `dev`. Errors before any thread runs
@@ -87,7 +110,9 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
     let threads = std::env::var("STRATAFS_URING_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or_else(|| threads_per_queue(queues))
+        .unwrap_or_else(|| {
+            threads_per_queue(std::thread::available_parallelism().map_or(queues, |n| n.get()))
+        })
         .clamp(1, 64);
     let spin = std::env::var("STRATAFS_URING_SPIN_US")
         .ok()
@@ -114,14 +139,42 @@ pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
                 .spawn(move || {
                     // An offline CPU gets no requests; its queue must still be registered.
                     let _ = sys::pin_to_cpu(qid);
-                    match Ring::register(dev.clone(), qid as u16, 1, PAYLOAD_LEN) {
-                        Ok(mut ring) => {
-                            ring.set_spin(spin);
-                            let _ = tx.send(Ok(()));
-                            serve(&fs, &dev, ring, acl, &Poller { last, me: t });
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
+                    let poller = Poller { last, me: t };
+                    let mut first = Some(tx);
+                    // A ring that ends for another reason than the connection going is set up
+                    // again: its queue must not lose an entry, or requests from that CPU would
+                    // wait for good once it had none.
+                    for attempt in 0.. {
+                        let ring = Ring::register(dev.clone(), qid as u16, 1, PAYLOAD_LEN);
+                        let mut ring = match (ring, first.take()) {
+                            (Ok(r), tx) => {
+                                if let Some(tx) = tx {
+                                    let _ = tx.send(Ok(()));
+                                }
+                                r
+                            }
+                            (Err(e), Some(tx)) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                            (Err(e), None) => {
+                                tracing::error!("io_uring queue {qid}: cannot set up again: {e}");
+                                return;
+                            }
+                        };
+                        ring.set_spin(spin);
+                        match serve(&fs, &dev, ring, acl, &poller) {
+                            Ok(()) => return,
+                            Err(e) if attempt < 100 => {
+                                tracing::error!(
+                                    "io_uring thread of queue {qid}: {e}; setting it up again"
+                                );
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                            }
+                            Err(e) => {
+                                tracing::error!("io_uring thread of queue {qid} ends: {e}");
+                                return;
+                            }
                         }
                     }
                 })?;
@@ -151,8 +204,15 @@ impl Poller {
     }
 }
 
-/// One thread's loop: take a request, answer it, until the connection goes.
-fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl, poller: &Poller) {
+/// One thread's loop: take a request, answer it, until the connection goes (`Ok`) or the
+/// ring fails otherwise (`Err`).
+fn serve(
+    fs: &OverlayFs,
+    dev: &Arc<OwnedFd>,
+    mut ring: Ring,
+    acl: Acl,
+    poller: &Poller,
+) -> io::Result<()> {
     loop {
         let slot = match ring.next_request(|| poller.mine()) {
             Ok(s) => s,
@@ -164,13 +224,10 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl, poller: &
                     Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV | libc::ECANCELED)
                 ) =>
             {
-                tracing::debug!("io_uring queue ends: {e}");
-                return;
+                tracing::debug!("io_uring queue {} ends: {e}", ring.qid());
+                return Ok(());
             }
-            Err(e) => {
-                tracing::error!("io_uring thread of queue {} ends: {e}", ring.qid());
-                return;
-            }
+            Err(e) => return Err(e),
         };
         let (header, payload, len) = ring.request(slot);
         let (out_header, reply_len) = match InHeader::parse(&header[fuse_ring::IN_OUT]) {
@@ -180,7 +237,14 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl, poller: &
                 let res = if acl.refuses(&h) {
                     Err(libc::EACCES)
                 } else {
-                    handle(fs, dev, &h, &op_in, payload, len)
+                    // A panic anywhere in the request fails it alone, as `guard` does.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        handle(fs, dev, &h, &op_in, payload, len)
+                    }))
+                    .unwrap_or_else(|_| {
+                        tracing::error!("io_uring request handler panicked; EIO");
+                        Err(libc::EIO)
+                    })
                 };
                 // What `-d` shows of each request, as fuser does for /dev/fuse.
                 tracing::debug!(
@@ -204,10 +268,7 @@ fn serve(fs: &OverlayFs, dev: &Arc<OwnedFd>, mut ring: Ring, acl: Acl, poller: &
             }
             None => (wire::out_header(0, -libc::EIO, 16), 0),
         };
-        if let Err(e) = ring.commit(slot, &out_header, reply_len) {
-            tracing::error!("io_uring commit failed: {e}");
-            return;
-        }
+        ring.commit(slot, &out_header, reply_len)?;
         poller.replied();
     }
 }
@@ -596,8 +657,8 @@ fn open_out(
 ) -> Result<(), i32> {
     let (flags, id) = match backing {
         Some(Backing::Raw(b)) => (flags, b.id()),
-        // A backing id of fuser's: cannot happen (ring opens register their own), but a
-        // passthrough open without its id would fail, so take the daemon's I/O then.
+        // A backing id of fuser's: none exists once the rings run (the fuser adapter then
+        // opens without passthrough, see `OverlayFs::rings_running`); the daemon's I/O then.
         Some(Backing::Fuser(_)) => (FopenFlags::FOPEN_DIRECT_IO | fuse::NOFLUSH, 0),
         None => (flags, 0),
     };
@@ -606,4 +667,27 @@ fn open_out(
 
 fn register(dev: &Arc<OwnedFd>, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Backing> {
     sys::BackingFile::open(dev, fd).map(Backing::Raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_count_like_the_kernel() {
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-1"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8-11"), Some(8));
+        assert_eq!(count_cpu_list("0,2,4-5"), Some(4));
+        assert_eq!(count_cpu_list("x"), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+    }
+
+    #[test]
+    fn two_or_three_threads_per_queue() {
+        assert_eq!(threads_per_queue(1), 3);
+        assert_eq!(threads_per_queue(2), 3);
+        assert_eq!(threads_per_queue(8), 2);
+        assert_eq!(threads_per_queue(256), 2);
+    }
 }

@@ -181,7 +181,8 @@ impl<'a> Out<'a> {
         self.u32(a.gid)?;
         self.u32(a.rdev)?;
         self.u32(a.blksize)?;
-        self.u32(a.flags)
+        // fuse_attr.flags (FUSE_ATTR_SUBMOUNT, FUSE_ATTR_DAX): none of ours, as fuser sends.
+        self.u32(0)
     }
 
     /// `struct fuse_entry_out`, with `attr.ino` as the node id (as fuser does: the two
