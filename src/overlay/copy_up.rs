@@ -40,6 +40,11 @@ impl OverlayFs {
         }
         self.work()?;
         let _guard = node.copy_lock.lock();
+        if let Some(slow) = super::fuse::failpoint("slow-copy-up")
+            && node.state.read().name == slow
+        {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
         let (parent, name, src) = {
             let s = node.state.read();
             if let Some(fd) = s.upper.clone() {

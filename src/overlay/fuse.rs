@@ -92,7 +92,9 @@ pub(super) fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
 /// - `eio-read:NAME`: every READ of a file last seen under the name NAME fails with EIO, as a
 ///   bad block of a lower disk would, for a mount stacked on this one;
 /// - `uring-setup:N`: setting up the io_uring transport fails at queue N, after the queues
-///   before it were registered.
+///   before it were registered;
+/// - `slow-copy-up:NAME`: a copy-up of a file last seen under the name NAME first waits 2 s
+///   (holding a request of its CPU's queue, as a copy-up of a big file does).
 pub(super) fn failpoint(kind: &str) -> Option<&'static OsStr> {
     use std::os::unix::ffi::OsStrExt;
     static FP: std::sync::OnceLock<Option<(String, std::ffi::OsString)>> =

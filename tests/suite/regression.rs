@@ -1548,26 +1548,31 @@ fn listing_a_dir_larger_than_the_fd_budget_while_stating_finishes_and_misses_not
 /// Requests over io_uring stay on the queue of the CPU that made them: with one ring thread
 /// per queue, a stat made on the CPU of a long copy-up waited for all of it (7.6 s behind a
 /// 1.5 GB append, found in review). Every queue has threads to spare; over /dev/fuse any
-/// worker serves. Both processes run on CPU 0, and every lookup must finish while the copy-up
-/// still runs.
+/// worker serves. The copy-up takes 2 s (failpoint `slow-copy-up`); both processes run on
+/// CPU 0, and every lookup must finish while it still runs.
 #[test]
 fn a_lookup_on_the_cpu_of_a_long_copy_up_does_not_wait_for_it() {
-    const SIZE: u64 = 128 << 20;
     let mut fx = Fixture::new(1);
-    fx.lower(0).big("huge", SIZE, 5);
+    fx.lower(0).file("slow", b"lower\n");
     for i in 0..5 {
         fx.lower(0).file(&format!("small{i}"), b"small\n");
     }
     fx.seal();
-    let m = fx.mount_stratafs("");
-    fs::metadata(m.join("huge")).expect("stat huge");
+    let m = Mount::stratafs_env(
+        &fx.layers(),
+        &fx.mnt,
+        "",
+        &[("STRATAFS_FAILPOINT", "slow-copy-up:slow")],
+    );
+    fs::metadata(m.join("slow")).expect("stat slow");
+    let started = std::time::Instant::now();
     let mut copy = Command::new("taskset")
         .args(["-c", "0", "sh", "-c", "printf x >> \"$0\""])
-        .arg(m.join("huge"))
+        .arg(m.join("slow"))
         .spawn()
         .expect("taskset sh");
     // Let the copy-up start.
-    std::thread::sleep(std::time::Duration::from_millis(10));
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let mut during = 0;
     for i in 0..5 {
         // A name not looked up yet: a LOOKUP the daemon must answer.
@@ -1582,10 +1587,14 @@ fn a_lookup_on_the_cpu_of_a_long_copy_up_does_not_wait_for_it() {
         }
     }
     assert!(copy.wait().expect("wait").success(), "the append failed");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "the failpoint did not slow the copy-up"
+    );
     assert_eq!(
         during, 5,
         "only {during} of 5 lookups finished while the copy-up ran: they waited for it"
     );
-    assert_eq!(fs::metadata(m.join("huge")).expect("stat").len(), SIZE + 1);
+    assert_eq!(read(&m.join("slow")), "lower\nx");
     m.unmount();
 }
