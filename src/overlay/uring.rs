@@ -214,7 +214,9 @@ fn serve(
     poller: &Poller,
 ) -> io::Result<()> {
     loop {
-        let slot = match ring.next_request(|| poller.mine()) {
+        // Past the fd budget no polling: lookups then wait for FORGETs (served by fuser's
+        // threads) to free fds, and must not outrun them.
+        let slot = match ring.next_request(|| poller.mine() && !fs.reaper.over_high()) {
             Ok(s) => s,
             // The connection going (unmount, abort) ends every thread; anything else ends
             // only this one, and its queue keeps the others.
