@@ -17,7 +17,7 @@ use tracing::debug;
 use super::OverlayFs;
 use super::ops::{Backing, OpenPlan};
 use super::privs::Caller;
-use crate::sys::{self, SetTime};
+use crate::sys::SetTime;
 use std::sync::atomic::Ordering;
 
 fn errno(e: io::Error) -> Errno {
@@ -546,7 +546,7 @@ impl Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match guard(|| self.with_file(fh.0, |fd| sys::fsync(fd, datasync))) {
+        match guard(|| self.do_fsync(fh.0, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -728,12 +728,7 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let res = guard(|| {
-            self.with_file(fh.0, |fd| {
-                sys::fallocate(fd, mode, offset as i64, length as i64)
-            })
-        });
-        match res {
+        match guard(|| self.do_fallocate(fh.0, mode, offset as i64, length as i64)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -748,7 +743,7 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match guard(|| self.with_file(fh.0, |fd| sys::lseek(fd, offset, whence))) {
+        match guard(|| self.do_lseek(fh.0, offset, whence)) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(errno(e)),
         }
@@ -768,17 +763,10 @@ impl Filesystem for FuseFs {
         reply: ReplyWrite,
     ) {
         let res = guard(|| {
-            self.with_file(fh_in.0, |fin| {
-                self.with_file(fh_out.0, |fout| {
-                    let mut oi = offset_in as i64;
-                    let mut oo = offset_out as i64;
-                    let len = len.min(u64::from(u32::MAX)) as usize;
-                    sys::copy_file_range(fin, &mut oi, fout, &mut oo, len)
-                })
-            })
+            self.do_copy_file_range(fh_in.0, offset_in as i64, fh_out.0, offset_out as i64, len)
         });
         match res {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => reply.written(n),
             Err(e) => {
                 debug!("copy_file_range: {e}");
                 reply.error(errno(e))
@@ -807,13 +795,28 @@ fn negative_attr() -> fuser::FileAttr {
     }
 }
 
-fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
+/// What a GETXATTR or LISTXATTR answers for a buffer of `size` bytes: the length when asked
+/// for it (size 0), ERANGE when the value does not fit, else the value.
+pub(super) enum XattrAnswer<'a> {
+    Size(u32),
+    Data(&'a [u8]),
+}
+
+pub(super) fn xattr_answer(value: &[u8], size: u32) -> Result<XattrAnswer<'_>, i32> {
     if size == 0 {
-        reply.size(value.len() as u32);
+        Ok(XattrAnswer::Size(value.len() as u32))
     } else if value.len() > size as usize {
-        reply.error(Errno::ERANGE);
+        Err(libc::ERANGE)
     } else {
-        reply.data(value);
+        Ok(XattrAnswer::Data(value))
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
+    match xattr_answer(value, size) {
+        Ok(XattrAnswer::Size(n)) => reply.size(n),
+        Ok(XattrAnswer::Data(v)) => reply.data(v),
+        Err(e) => reply.error(Errno::from_i32(e)),
     }
 }
 

@@ -1182,6 +1182,37 @@ impl OverlayFs {
         }
     }
 
+    pub fn do_fsync(&self, fh: u64, datasync: bool) -> io::Result<()> {
+        self.with_file(fh, |fd| sys::fsync(fd, datasync))
+    }
+
+    pub fn do_fallocate(&self, fh: u64, mode: i32, offset: i64, len: i64) -> io::Result<()> {
+        self.with_file(fh, |fd| sys::fallocate(fd, mode, offset, len))
+    }
+
+    pub fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> io::Result<i64> {
+        self.with_file(fh, |fd| sys::lseek(fd, offset, whence))
+    }
+
+    /// Copies up to `len` bytes (at most 4 GiB - 1, what a FUSE reply can count) between two
+    /// open files.
+    pub fn do_copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: i64,
+        fh_out: u64,
+        off_out: i64,
+        len: u64,
+    ) -> io::Result<u32> {
+        self.with_file(fh_in, |fin| {
+            self.with_file(fh_out, |fout| {
+                let (mut oi, mut oo) = (off_in, off_out);
+                let len = len.min(u64::from(u32::MAX)) as usize;
+                sys::copy_file_range(fin, &mut oi, fout, &mut oo, len).map(|n| n as u32)
+            })
+        })
+    }
+
     pub fn do_release(&self, fh: u64) {
         self.handles.remove(&fh);
     }

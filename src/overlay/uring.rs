@@ -17,7 +17,7 @@ use std::sync::Arc;
 use fuser::{FopenFlags, INodeNo};
 
 use super::OverlayFs;
-use super::fuse::{self, errno_of, guard};
+use super::fuse::{self, errno_of};
 use super::ops::Backing;
 use super::privs::Caller;
 use super::wire::{self, Fields, InHeader, Names, Out, op};
@@ -72,7 +72,7 @@ impl Acl {
 /// The payload buffer of an entry: the kernel wants room for max_write and max_pages.
 const PAYLOAD_LEN: usize = 1 << 20;
 
-/// The number of queues the kernel keeps: one per possible CPU (`nr_cpu_ids`).
+/// The number of queues the kernel keeps: one per possible CPU.
 fn possible_cpus() -> Option<usize> {
     count_cpu_list(
         std::fs::read_to_string("/sys/devices/system/cpu/possible")
@@ -331,7 +331,7 @@ fn handle(
         op::GETATTR => {
             // struct fuse_getattr_in { getattr_flags, dummy, fh }; FUSE_GETATTR_FH = 1
             let fh = (a.u32(0).ok_or_else(inval)? & 1 != 0).then(|| a.u64(8).unwrap_or(0));
-            let attr = guard(|| fs.do_getattr(ino, fh)).map_err(code)?;
+            let attr = fs.do_getattr(ino, fh).map_err(code)?;
             let mut out = Out::new(payload);
             out.attr_out(fs.ttl(), &attr).map_err(full)?;
             Ok(out.len())
@@ -352,15 +352,15 @@ fn handle(
             // MODE, UID, GID, SIZE, ATIME, MTIME, CTIME: none of them is the kernel's
             // file_remove_privs asking us to clear S_ISUID/S_ISGID.
             let bare = valid & (0x3f | 1 << 10) == 0;
-            let attr =
-                guard(|| fs.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, &caller, bare))
-                    .map_err(code)?;
+            let attr = fs
+                .do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, &caller, bare)
+                .map_err(code)?;
             let mut out = Out::new(payload);
             out.attr_out(fs.ttl(), &attr).map_err(full)?;
             Ok(out.len())
         }
         op::READLINK => {
-            let t = guard(|| fs.do_readlink(ino)).map_err(code)?;
+            let t = fs.do_readlink(ino).map_err(code)?;
             let mut out = Out::new(payload);
             out.bytes(&t).map_err(full)?;
             Ok(out.len())
@@ -372,9 +372,9 @@ fn handle(
                 let target = n.next_name().ok_or_else(inval)?.to_os_string();
                 (name, target)
             };
-            let (attr, _) =
-                guard(|| fs.do_symlink(ino, &name, std::path::Path::new(&target), caller))
-                    .map_err(code)?;
+            let (attr, _) = fs
+                .do_symlink(ino, &name, std::path::Path::new(&target), caller)
+                .map_err(code)?;
             entry(fs, payload, &attr)
         }
         op::MKNOD => {
@@ -385,20 +385,22 @@ fn handle(
                 a.u32(4).ok_or_else(inval)?,
                 a.u32(8).ok_or_else(inval)?,
             );
-            let (attr, _) =
-                guard(|| fs.do_mknod(ino, &name, mode, umask, rdev, caller)).map_err(code)?;
+            let (attr, _) = fs
+                .do_mknod(ino, &name, mode, umask, rdev, caller)
+                .map_err(code)?;
             entry(fs, payload, &attr)
         }
         op::MKDIR => {
             // struct fuse_mkdir_in { mode, umask }
             let name = first_name()?;
             let (mode, umask) = (a.u32(0).ok_or_else(inval)?, a.u32(4).ok_or_else(inval)?);
-            let (attr, _) = guard(|| fs.do_mkdir(ino, &name, mode, umask, caller)).map_err(code)?;
+            let (attr, _) = fs.do_mkdir(ino, &name, mode, umask, caller).map_err(code)?;
             entry(fs, payload, &attr)
         }
         op::UNLINK | op::RMDIR => {
             let name = first_name()?;
-            guard(|| fs.do_remove(ino, &name, h.opcode == op::RMDIR)).map_err(code)?;
+            fs.do_remove(ino, &name, h.opcode == op::RMDIR)
+                .map_err(code)?;
             Ok(0)
         }
         op::RENAME | op::RENAME2 => {
@@ -415,20 +417,21 @@ fn handle(
                 let new = n.next_name().ok_or_else(inval)?.to_os_string();
                 (old, new)
             };
-            guard(|| fs.do_rename(ino, &old, newdir, &new, flags, caller)).map_err(code)?;
+            fs.do_rename(ino, &old, newdir, &new, flags, caller)
+                .map_err(code)?;
             Ok(0)
         }
         op::LINK => {
             // struct fuse_link_in { oldnodeid }
             let old = INodeNo(a.u64(0).ok_or_else(inval)?);
             let name = first_name()?;
-            let (attr, _) = guard(|| fs.do_link(old, ino, &name)).map_err(code)?;
+            let (attr, _) = fs.do_link(old, ino, &name).map_err(code)?;
             entry(fs, payload, &attr)
         }
         op::OPEN => {
             // struct fuse_open_in { flags, open_flags }
             let flags = a.i32(0).ok_or_else(inval)?;
-            let (fh, plan) = guard(|| fs.do_open(ino, flags, &caller)).map_err(code)?;
+            let (fh, plan) = fs.do_open(ino, flags, &caller).map_err(code)?;
             let (flags, backing) = fuse::open_flags(fs, fh, plan, |fd| register(dev, fd));
             let mut out = Out::new(payload);
             open_out(&mut out, fh, flags, backing.as_deref())?;
@@ -446,7 +449,8 @@ fn handle(
             }
             // Straight into the reply buffer.
             let room = (size as usize).min(payload.len());
-            guard(|| fs.do_read_into(fh, offset, &mut payload[..room])).map_err(code)
+            fs.do_read_into(fh, offset, &mut payload[..room])
+                .map_err(code)
         }
         op::WRITE => {
             // struct fuse_write_in { fh, offset, size, write_flags, ... }; the data follows.
@@ -459,13 +463,15 @@ fn handle(
             let data = payload.get(..size.min(len)).ok_or_else(inval)?;
             // FUSE_WRITE_KILL_SUIDGID
             let kill = (wflags & 4 != 0).then_some(caller);
-            let n = guard(|| fs.do_write(ino, fh, offset, data, kill.as_ref())).map_err(code)?;
+            let n = fs
+                .do_write(ino, fh, offset, data, kill.as_ref())
+                .map_err(code)?;
             let mut out = Out::new(payload);
             out.write_out(n).map_err(full)?;
             Ok(out.len())
         }
         op::STATFS => {
-            let s = guard(|| fs.do_statfs()).map_err(code)?;
+            let s = fs.do_statfs().map_err(code)?;
             let mut out = Out::new(payload);
             out.statfs(&s).map_err(full)?;
             Ok(out.len())
@@ -478,7 +484,7 @@ fn handle(
             // struct fuse_fsync_in { fh, fsync_flags }; FUSE_FSYNC_FDATASYNC = 1
             let fh = a.u64(0).ok_or_else(inval)?;
             let datasync = a.u32(8).ok_or_else(inval)? & 1 != 0;
-            guard(|| fs.with_file(fh, |fd| sys::fsync(fd, datasync))).map_err(code)?;
+            fs.do_fsync(fh, datasync).map_err(code)?;
             Ok(0)
         }
         op::FLUSH | op::FSYNCDIR => Ok(0),
@@ -494,36 +500,34 @@ fn handle(
                 let value = n.rest().get(..size).ok_or_else(inval)?.to_vec();
                 (name, value)
             };
-            guard(|| fs.do_setxattr(ino, &name, &value, flags)).map_err(code)?;
+            fs.do_setxattr(ino, &name, &value, flags).map_err(code)?;
             Ok(0)
         }
         op::GETXATTR | op::LISTXATTR => {
             // struct fuse_getxattr_in { size, padding }
-            let size = a.u32(0).ok_or_else(inval)? as usize;
+            let size = a.u32(0).ok_or_else(inval)?;
             let value = if h.opcode == op::GETXATTR {
                 let name = first_name()?;
-                guard(|| fs.do_getxattr(ino, &name)).map_err(code)?
+                fs.do_getxattr(ino, &name).map_err(code)?
             } else {
-                guard(|| fs.do_listxattr(ino)).map_err(code)?
+                fs.do_listxattr(ino).map_err(code)?
             };
             let mut out = Out::new(payload);
-            if size == 0 {
+            match fuse::xattr_answer(&value, size)? {
                 // struct fuse_getxattr_out { size, padding }
-                out.write_out(value.len() as u32).map_err(full)?;
-            } else if value.len() > size {
-                return Err(libc::ERANGE);
-            } else {
-                out.bytes(&value).map_err(full)?;
+                fuse::XattrAnswer::Size(n) => out.write_out(n),
+                fuse::XattrAnswer::Data(v) => out.bytes(v),
             }
+            .map_err(full)?;
             Ok(out.len())
         }
         op::REMOVEXATTR => {
             let name = first_name()?;
-            guard(|| fs.do_removexattr(ino, &name)).map_err(code)?;
+            fs.do_removexattr(ino, &name).map_err(code)?;
             Ok(0)
         }
         op::OPENDIR => {
-            let fh = guard(|| fs.do_opendir(ino)).map_err(code)?;
+            let fh = fs.do_opendir(ino).map_err(code)?;
             let mut out = Out::new(payload);
             out.open_out(fh, fuse::opendir_flags().bits(), 0)
                 .map_err(full)?;
@@ -535,7 +539,7 @@ fn handle(
                 a.u64(8).ok_or_else(inval)?,
                 a.u32(16).ok_or_else(inval)? as usize,
             );
-            let entries = guard(|| fs.do_readdir(fh, offset)).map_err(code)?;
+            let entries = fs.do_readdir(fh, offset).map_err(code)?;
             let room = size.min(payload.len());
             let mut out = Out::new(&mut payload[..room]);
             for (i, e) in entries.iter().enumerate().skip(offset as usize) {
@@ -562,7 +566,7 @@ fn handle(
         op::ACCESS => {
             // struct fuse_access_in { mask, padding }
             let mask = a.i32(0).ok_or_else(inval)?;
-            guard(|| fs.do_access(ino, mask, caller)).map_err(code)?;
+            fs.do_access(ino, mask, caller).map_err(code)?;
             Ok(0)
         }
         op::CREATE => {
@@ -573,8 +577,9 @@ fn handle(
                 a.u32(4).ok_or_else(inval)?,
                 a.u32(8).ok_or_else(inval)?,
             );
-            let (attr, _, fh, plan) =
-                guard(|| fs.do_create(ino, &name, mode, umask, flags, caller)).map_err(code)?;
+            let (attr, _, fh, plan) = fs
+                .do_create(ino, &name, mode, umask, flags, caller)
+                .map_err(code)?;
             let (flags, backing) = fuse::open_flags(fs, fh, plan, |fd| register(dev, fd));
             let mut out = Out::new(payload);
             out.entry(fs.ttl(), &attr).map_err(full)?;
@@ -589,8 +594,7 @@ fn handle(
                 a.i64(16).ok_or_else(inval)?,
                 a.i32(24).ok_or_else(inval)?,
             );
-            guard(|| fs.with_file(fh, |fd| sys::fallocate(fd, mode, offset, length)))
-                .map_err(code)?;
+            fs.do_fallocate(fh, mode, offset, length).map_err(code)?;
             Ok(0)
         }
         op::LSEEK => {
@@ -600,8 +604,7 @@ fn handle(
                 a.i64(8).ok_or_else(inval)?,
                 a.i32(16).ok_or_else(inval)?,
             );
-            let off =
-                guard(|| fs.with_file(fh, |fd| sys::lseek(fd, offset, whence))).map_err(code)?;
+            let off = fs.do_lseek(fh, offset, whence).map_err(code)?;
             let mut out = Out::new(payload);
             out.u64(off as u64).map_err(full)?;
             Ok(out.len())
@@ -616,18 +619,11 @@ fn handle(
                 a.i64(32).ok_or_else(inval)?,
                 a.u64(40).ok_or_else(inval)?,
             );
-            let done = guard(|| {
-                fs.with_file(fh_in, |fin| {
-                    fs.with_file(fh_out, |fout| {
-                        let (mut oi, mut oo) = (off_in, off_out);
-                        let n = n.min(u64::from(u32::MAX)) as usize;
-                        sys::copy_file_range(fin, &mut oi, fout, &mut oo, n)
-                    })
-                })
-            })
-            .map_err(code)?;
+            let done = fs
+                .do_copy_file_range(fh_in, off_in, fh_out, off_out, n)
+                .map_err(code)?;
             let mut out = Out::new(payload);
-            out.write_out(done as u32).map_err(full)?;
+            out.write_out(done).map_err(full)?;
             Ok(out.len())
         }
         // The kernel's forced FORGET of a READDIRPLUS entry it could not use (struct
