@@ -73,6 +73,53 @@ const GEN: Generation = Generation(0);
 /// FLUSH on every close (one round trip less per file).
 pub(super) const NOFLUSH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
+/// The spacing of /dev/fuse reads while the rings serve the requests (see
+/// `coalesce_forgets`): `STRATAFS_FORGET_COALESCE_US`, 1 ms by default, 0 for none.
+fn forget_coalesce() -> std::time::Duration {
+    static PAUSE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        let us = std::env::var("STRATAFS_FORGET_COALESCE_US")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(1000);
+        std::time::Duration::from_micros(us.min(100_000))
+    })
+}
+
+/// While the rings serve the requests, what still comes over /dev/fuse is FORGET (the kernel
+/// never sends it over io_uring) and the rare INTERRUPT. Queueing a FORGET wakes a waiting
+/// /dev/fuse reader: a context switch per removed file on `rm -rf`. Readers that wait before
+/// taking the next one let the kernel queue FORGETs without a wakeup and hand them over
+/// together as one BATCH_FORGET. The waits are staggered across the threads, one `pause`
+/// apart, so all of them together read /dev/fuse about once a pause; a FORGET (or an
+/// INTERRUPT) waits at most a pause per thread.
+///
+/// fuser hands a BATCH_FORGET over as one `forget` call per node, all with the request's
+/// `unique`: the wait comes once per request, at its first node.
+fn coalesce_forgets(fs: &FuseFs, unique: u64) {
+    thread_local! {
+        static LAST: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+    }
+    static NEXT: parking_lot::Mutex<Option<std::time::Instant>> = parking_lot::Mutex::new(None);
+    if LAST.replace(unique) == unique {
+        return;
+    }
+    let pause = forget_coalesce();
+    if !fs.rings_running() || pause.is_zero() {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let at = {
+        let mut next = NEXT.lock();
+        let at = next.map_or(now, |n| n.max(now));
+        *next = Some(at + pause);
+        at
+    };
+    if at > now {
+        std::thread::sleep(at - now);
+    }
+}
+
 /// Runs one request's work; a panic fails that request alone (EIO) instead of taking a worker
 /// thread, and the caller waiting on it, down.
 pub(super) fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
@@ -290,7 +337,8 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        coalesce_forgets(self, req.unique().0);
         self.do_forget(ino, nlookup);
     }
 

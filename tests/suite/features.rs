@@ -338,6 +338,58 @@ fn requests_go_over_io_uring_exactly_when_the_kernel_offers_it() {
     }
 }
 
+/// While the rings serve the requests, /dev/fuse carries the FORGETs (the kernel never sends
+/// them over io_uring). Readers that wait between FORGETs let the kernel batch them, so an
+/// `rm` of N files known to the kernel costs far fewer than N wakeups of fuser's threads:
+/// about one read a millisecond, all threads together. Without rings, each unlink is a request
+/// of its own over /dev/fuse, and nothing pauses.
+#[test]
+fn forgets_come_in_batches_while_the_rings_serve() {
+    let on = fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    const N: usize = 3000;
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir("d");
+    fx.seal();
+    let m = Mount::stratafs(&fx.layers(), &fx.mnt, "");
+    let pid = *crate::util::mount::daemon_pids(m.path())
+        .first()
+        .expect("daemon pid");
+    for i in 0..N {
+        fs::write(m.join(format!("d/f{i}")), b"x").expect("create");
+    }
+    let (fusers, before) = thread_reads(pid, "fuser-");
+    assert!(fusers > 0, "no fuser threads");
+    let t = std::time::Instant::now();
+    for i in 0..N {
+        fs::remove_file(m.join(format!("d/f{i}"))).expect("unlink");
+    }
+    let ms = t.elapsed().as_millis() as u64;
+    // The FORGETs of the last files may still be on their way.
+    std::thread::sleep(Duration::from_millis(50));
+    let (_, after) = thread_reads(pid, "fuser-");
+    let reads = after - before;
+    println!("forgets: {N} unlinks in {ms} ms, /dev/fuse read {reads} times by {fusers} threads");
+    if on {
+        // About one read a millisecond, whatever the number of threads; slack for the
+        // first FORGET each thread takes before the waits line up, and for the 50 ms above.
+        let bound = ms + 50 + 4 * fusers as u64 + 20;
+        assert!(
+            reads <= bound && reads < (N * 3 / 4) as u64,
+            "{N} unlinks in {ms} ms over io_uring: /dev/fuse was read {reads} times \
+             ({fusers} threads; at most {bound}, and fewer than {} wanted)",
+            N * 3 / 4
+        );
+    } else {
+        assert!(
+            reads >= N as u64,
+            "{N} unlinks over /dev/fuse, which was read only {reads} times"
+        );
+    }
+    assert_eq!(fs::read_dir(m.join("d")).expect("readdir").count(), 0);
+    m.unmount();
+}
+
 /// A ring that fails to set up part way (here: queue 1 never registered, so the kernel never
 /// switches to the ring) leaves the mount working over /dev/fuse, not waiting for queues that
 /// will never come.
