@@ -481,7 +481,11 @@ impl OverlayFs {
             _ => self.lower_has(&parent.state.read(), name)?,
         };
         let pupper = self.copy_up(&parent, CopyUp::Meta)?;
-        let counted = if found_dir {
+        // An upper inode with one link has no index entry (that would be a second link), so
+        // this name is its last: no merged count is left to keep, and reading its nlink
+        // xattr would be a syscall per removed file for nothing.
+        let last_upper_link = found.upper.as_ref().is_some_and(|(_, st)| st.st_nlink <= 1);
+        let counted = if found_dir || last_upper_link {
             None
         } else {
             self.counted_inode(&parent, &found)?
