@@ -75,6 +75,27 @@ fn metacopy_file_in_a_lower_layer_reads_the_data_below() {
     assert_eq!(fs::metadata(ro.join("f")).expect("stat").uid(), 1);
 }
 
+/// What a process's fds point to, counted by kind (for a failure message): which of them
+/// filled the fd table.
+fn fd_census(pid: u32) -> String {
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for e in fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let target =
+            fs::read_link(e.path()).map_or_else(|_| "?".into(), |t| t.display().to_string());
+        let kind = match target.rsplit_once('/') {
+            Some((dir, _)) if !dir.is_empty() => format!("{dir}/*"),
+            _ => target,
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let total: usize = kinds.values().sum();
+    format!("daemon {pid} holds {total} fds: {kinds:?}")
+}
+
 /// Found by scripts/bench: the daemon held one fd per inode the kernel knew and hit EMFILE
 /// walking more names than RLIMIT_NOFILE (lstat of 20k names, `tar c`). Run here with a
 /// 1024-fd limit and 3000 names. It failed about every other run (EMFILE after a 5 s stall: the
@@ -102,9 +123,12 @@ fn walking_more_names_than_the_fd_limit_works() {
         .expect("run prlimit");
     assert!(out.status.success(), "mount: {out:?}");
     let m = Mount::adopt(&mnt, crate::util::Backend::Stratafs);
+    let pid = *crate::util::mount::daemon_pids(m.path())
+        .first()
+        .expect("daemon pid");
     for i in 0..3000 {
         fs::symlink_metadata(m.join(format!("many/f{i}")))
-            .unwrap_or_else(|e| panic!("lstat many/f{i}: {e}"));
+            .unwrap_or_else(|e| panic!("lstat many/f{i}: {e}; {}", fd_census(pid)));
     }
     assert_eq!(fs::read_dir(m.join("many")).expect("readdir").count(), 3000);
 }
