@@ -256,7 +256,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             uring::start(served.clone(), dev, acl)
         });
         match started {
-            Ok(()) => served.set_rings_running(),
+            Ok(()) => served.set_rings_running(uring::forget_pause()),
             Err(e) => tracing::warn!("FUSE over io_uring not started ({e}); serving /dev/fuse"),
         }
     }

@@ -73,19 +73,6 @@ const GEN: Generation = Generation(0);
 /// FLUSH on every close (one round trip less per file).
 pub(super) const NOFLUSH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
-/// The spacing of /dev/fuse reads while the rings serve the requests (see
-/// `coalesce_forgets`): `STRATAFS_FORGET_COALESCE_US`, 1 ms by default, 0 for none.
-fn forget_coalesce() -> std::time::Duration {
-    static PAUSE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    *PAUSE.get_or_init(|| {
-        let us = std::env::var("STRATAFS_FORGET_COALESCE_US")
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(1000);
-        std::time::Duration::from_micros(us.min(100_000))
-    })
-}
-
 /// While the rings serve the requests, what still comes over /dev/fuse is FORGET (the kernel
 /// never sends it over io_uring) and the rare INTERRUPT. Queueing a FORGET wakes a waiting
 /// /dev/fuse reader: a context switch per removed file on `rm -rf`. Readers that wait before
@@ -100,17 +87,16 @@ fn coalesce_forgets(fs: &FuseFs, unique: u64) {
     thread_local! {
         static LAST: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
     }
-    static NEXT: parking_lot::Mutex<Option<std::time::Instant>> = parking_lot::Mutex::new(None);
     if LAST.replace(unique) == unique {
         return;
     }
-    let pause = forget_coalesce();
-    if !fs.rings_running() || pause.is_zero() {
+    let pause = fs.forget_pause();
+    if pause.is_zero() {
         return;
     }
     let now = std::time::Instant::now();
     let at = {
-        let mut next = NEXT.lock();
+        let mut next = fs.next_forget_read.lock();
         let at = next.map_or(now, |n| n.max(now));
         *next = Some(at + pause);
         at

@@ -110,6 +110,10 @@ pub struct OverlayFs {
     uring: AtomicBool,
     /// The io_uring transport serves the requests (every queue registered).
     rings: AtomicBool,
+    /// While the rings run: the spacing of fuser's reads of /dev/fuse, in µs (0: none), and
+    /// when the next may come (see `fuse::coalesce_forgets`).
+    forget_pause_us: AtomicU64,
+    pub(super) next_forget_read: parking_lot::Mutex<Option<std::time::Instant>>,
     metacopy: bool,
     redirect_dir: bool,
     /// `<workdir>/stratafs-index`: one hard link per copied-up inode that has several names
@@ -338,6 +342,8 @@ impl OverlayFs {
             want_uring: cfg.uring,
             uring: AtomicBool::new(false),
             rings: AtomicBool::new(false),
+            forget_pause_us: AtomicU64::new(0),
+            next_forget_read: parking_lot::Mutex::new(None),
             metacopy: cfg.metacopy,
             redirect_dir: cfg.redirect_dir,
             mount_dev: Arc::new(std::sync::OnceLock::new()),
@@ -893,9 +899,17 @@ impl OverlayFs {
         self.uring.load(Ordering::Relaxed)
     }
 
-    /// From now on the io_uring transport serves the requests (`uring::start` succeeded).
-    pub fn set_rings_running(&self) {
+    /// From now on the io_uring transport serves the requests (`uring::start` succeeded), and
+    /// fuser's threads space their reads of what still comes over /dev/fuse by `forget_pause`.
+    pub fn set_rings_running(&self, forget_pause: Duration) {
+        let us = u64::try_from(forget_pause.as_micros()).unwrap_or(u64::MAX);
+        self.forget_pause_us.store(us, Ordering::Relaxed);
         self.rings.store(true, Ordering::SeqCst);
+    }
+
+    /// The spacing of fuser's reads of /dev/fuse: zero unless the rings run.
+    pub fn forget_pause(&self) -> Duration {
+        Duration::from_micros(self.forget_pause_us.load(Ordering::Relaxed))
     }
 
     /// Does the io_uring transport serve the requests? Then what still reaches fuser's

@@ -508,7 +508,7 @@ impl OverlayFs {
             self.adjust_nlink(fd.as_fd(), -1, st_ino)?;
         }
         if let Some((_, st)) = &found.upper
-            && (found_dir || st.st_nlink <= 1)
+            && (found_dir || last_upper_link)
         {
             // The upper inode is gone once its node is: its number may come back as a
             // different object.

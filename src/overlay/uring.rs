@@ -102,6 +102,16 @@ fn count_cpu_list(list: &str) -> Option<usize> {
     Some(n)
 }
 
+/// How far apart fuser's threads read /dev/fuse while the rings run (see
+/// `fuse::coalesce_forgets`): `STRATAFS_FORGET_COALESCE_US`, 1 ms by default, 0 for none.
+pub fn forget_pause() -> std::time::Duration {
+    let us = std::env::var("STRATAFS_FORGET_COALESCE_US")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(1000);
+    std::time::Duration::from_micros(us.min(100_000))
+}
+
 /// Starts the ring threads for the connection behind `dev`. Errors before any thread runs
 /// leave everything on /dev/fuse.
 pub fn start(fs: Arc<OverlayFs>, dev: OwnedFd, acl: Acl) -> io::Result<()> {
