@@ -93,7 +93,22 @@ fn fd_census(pid: u32) -> String {
         *kinds.entry(kind).or_default() += 1;
     }
     let total: usize = kinds.values().sum();
-    format!("daemon {pid} holds {total} fds: {kinds:?}")
+    let mut threads = String::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stack = fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+        let top: Vec<&str> = stack
+            .lines()
+            .take(4)
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(l))
+            .collect();
+        threads.push_str(&format!("\n  {} {}", comm.trim(), top.join(" < ")));
+    }
+    format!("daemon {pid} holds {total} fds: {kinds:?}; threads:{threads}")
 }
 
 /// Found by scripts/bench: the daemon held one fd per inode the kernel knew and hit EMFILE
