@@ -275,39 +275,47 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Res
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
 
-/// Reads an xattr of the object behind any fd. `Ok(None)` when it is absent (or the filesystem
-/// has no xattrs at all).
+/// Reads an xattr of the object behind any fd; `None` if it is absent. A real fd is asked
+/// directly (fgetxattr); an `O_PATH` fd, which those calls refuse with EBADF, through its
+/// `/proc/self/fd/N` path.
 pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
-    let path = proc_fd_path(fd);
     let name = cstr(name)?;
+    // SAFETY: `buf` is writable for `len` bytes (null with length 0 asks for the size); the
+    // strings are NUL-terminated.
+    let direct =
+        xattr_value(|buf, len| unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf, len) });
+    match direct {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+            let path = proc_fd_path(fd);
+            // SAFETY: as above.
+            xattr_value(|buf, len| unsafe {
+                libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len)
+            })
+        }
+        r => r,
+    }
+}
+
+/// The size loop of the getxattr family: `call(buf, len)` fills `buf` or says how big the
+/// value is. Absent (ENODATA) or unsupported (EOPNOTSUPP) is `None`.
+fn xattr_value(
+    mut call: impl FnMut(*mut libc::c_void, usize) -> libc::ssize_t,
+) -> io::Result<Option<Vec<u8>>> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        // SAFETY: `buf` is writable for `buf.len()` bytes (a null pointer with size 0 asks the size).
-        let ret = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                if buf.is_empty() {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                buf.len(),
-            )
+        let ptr = if buf.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            buf.as_mut_ptr().cast()
         };
-        match cvt_size(ret) {
+        match cvt_size(call(ptr, buf.len())) {
             Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(Some(buf));
             }
             Err(e) if e.raw_os_error() == Some(libc::ERANGE) => buf.resize(buf.len() * 2 + 64, 0),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENODATA) | Some(libc::EOPNOTSUPP)
-                ) =>
-            {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
                 return Ok(None);
             }
             Err(e) => return Err(e),
@@ -315,24 +323,78 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>
     }
 }
 
-/// Lists the xattr names of the object behind any fd.
+/// Lists the xattr names of the object behind any fd: directly for a real fd, through
+/// `/proc/self/fd/N` for an `O_PATH` one (see `get_xattr`).
 pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
-    let path = proc_fd_path(fd);
+    // SAFETY: `buf` is writable for `len` bytes (null with length 0 asks for the size).
+    let direct = xattr_names(|buf, len| unsafe { libc::flistxattr(fd.as_raw_fd(), buf, len) });
+    match direct {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+            let path = proc_fd_path(fd);
+            // SAFETY: as above; `path` is NUL-terminated.
+            xattr_names(|buf, len| unsafe { libc::listxattr(path.as_ptr(), buf, len) })
+        }
+        r => r,
+    }
+}
+
+/// listxattrat(2), Linux 6.13: the same number on every architecture that has it.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
+/// Set once listxattrat said ENOSYS: `list_xattr_at` answers `None` from then on.
+static NO_LISTXATTRAT: AtomicBool = AtomicBool::new(false);
+
+/// The xattr names of `dir/name`, not following a final symlink, by listxattrat(2): one
+/// lookup of one name where `list_xattr` of an `O_PATH` fd walks `/proc/self/fd/N` (about
+/// 1.5 against 4.5 µs here). Only for objects whose name cannot change meanwhile (lower
+/// layers). `None` where the kernel (before 6.13) or the architecture lacks the call.
+pub fn list_xattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<OsString>>> {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        if NO_LISTXATTRAT.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let name = cstr(name)?;
+        // SAFETY: listxattrat(dfd, path, at_flags, list, size): `name` is NUL-terminated,
+        // `buf` is writable for `len` bytes (null with length 0 asks for the size).
+        let r = xattr_names(|buf, len| unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                buf,
+                len,
+            ) as libc::ssize_t
+        });
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            r => r.map(Some),
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (dir, name, &NO_LISTXATTRAT);
+        Ok(None)
+    }
+}
+
+/// The size loop of the listxattr family; unsupported (EOPNOTSUPP) is no names.
+fn xattr_names(
+    mut call: impl FnMut(*mut libc::c_char, usize) -> libc::ssize_t,
+) -> io::Result<Vec<OsString>> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        // SAFETY: as in `get_xattr`.
-        let ret = unsafe {
-            libc::listxattr(
-                path.as_ptr(),
-                if buf.is_empty() {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                buf.len(),
-            )
+        let ptr = if buf.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            buf.as_mut_ptr().cast()
         };
-        match cvt_size(ret) {
+        match cvt_size(call(ptr, buf.len())) {
             Ok(0) => return Ok(Vec::new()),
             Ok(n) if buf.is_empty() => buf.resize(n, 0),
             Ok(n) => {

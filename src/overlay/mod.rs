@@ -592,7 +592,7 @@ impl OverlayFs {
                         // A metacopy file in a lower layer (an upper that became a lower)
                         // has its data further down, like one in the upper layer.
                         let marks = if li < last && st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                            layer::marks(fd.as_fd(), false)?
+                            layer::lower_file_marks(dir.as_fd(), &leaf, fd.as_fd())?
                         } else {
                             layer::Marks::default()
                         };
