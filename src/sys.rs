@@ -285,15 +285,22 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>
     let direct =
         xattr_value(|buf, len| unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf, len) });
     match direct {
-        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
-            let path = proc_fd_path(fd);
-            // SAFETY: as above.
-            xattr_value(|buf, len| unsafe {
-                libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len)
-            })
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => get_xattr_opath(fd, &name),
         r => r,
     }
+}
+
+/// `get_xattr` for an fd known to be `O_PATH` (a node's non-directory): straight to the
+/// `/proc/self/fd/N` path, without the fgetxattr that would say EBADF.
+pub fn get_xattr_path(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
+    get_xattr_opath(fd, &cstr(name)?)
+}
+
+fn get_xattr_opath(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let path = proc_fd_path(fd);
+    // SAFETY: `buf` is writable for `len` bytes (null with length 0 asks for the size); the
+    // strings are NUL-terminated.
+    xattr_value(|buf, len| unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len) })
 }
 
 /// The size loop of the getxattr family: `call(buf, len)` fills `buf` or says how big the
@@ -329,13 +336,18 @@ pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     // SAFETY: `buf` is writable for `len` bytes (null with length 0 asks for the size).
     let direct = xattr_names(|buf, len| unsafe { libc::flistxattr(fd.as_raw_fd(), buf, len) });
     match direct {
-        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
-            let path = proc_fd_path(fd);
-            // SAFETY: as above; `path` is NUL-terminated.
-            xattr_names(|buf, len| unsafe { libc::listxattr(path.as_ptr(), buf, len) })
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => list_xattr_path(fd),
         r => r,
     }
+}
+
+/// `list_xattr` for an fd known to be `O_PATH` (a node's non-directory): straight to the
+/// `/proc/self/fd/N` path, without the flistxattr that would say EBADF.
+pub fn list_xattr_path(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let path = proc_fd_path(fd);
+    // SAFETY: `buf` is writable for `len` bytes (null with length 0 asks for the size); `path`
+    // is NUL-terminated.
+    xattr_names(|buf, len| unsafe { libc::listxattr(path.as_ptr(), buf, len) })
 }
 
 /// listxattrat(2), Linux 6.13: the same number on every architecture that has it.

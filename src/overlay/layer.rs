@@ -225,7 +225,13 @@ pub fn decode_origin(v: &[u8]) -> Option<u64> {
 /// Reads the overlay markers of an object: one listxattr, a getxattr only for a marker that is
 /// present, and for directories one fstatat for `.wh..wh..opq`.
 pub fn marks(fd: BorrowedFd<'_>, dir: bool) -> io::Result<Marks> {
-    marks_of(fd, dir, sys::list_xattr(fd)?)
+    // Directories are held open (f*xattr works); other objects as O_PATH.
+    let names = if dir {
+        sys::list_xattr(fd)?
+    } else {
+        sys::list_xattr_path(fd)?
+    };
+    marks_of(fd, dir, names)
 }
 
 /// `marks` of a lower layer's regular file, open as `fd` from `parent/name`: lists its xattrs
@@ -239,29 +245,35 @@ pub fn lower_file_marks(
 ) -> io::Result<Marks> {
     let names = match sys::list_xattr_at(parent, name)? {
         Some(names) => names,
-        None => sys::list_xattr(fd)?,
+        None => sys::list_xattr_path(fd)?,
     };
     marks_of(fd, false, names)
 }
 
 fn marks_of(fd: BorrowedFd<'_>, dir: bool, names: Vec<OsString>) -> io::Result<Marks> {
     let mut marks = Marks::default();
+    let get = |name: &OsStr| {
+        if dir {
+            sys::get_xattr(fd, name)
+        } else {
+            sys::get_xattr_path(fd, name)
+        }
+    };
     for name in names {
         if dir && one_of(&OPAQUE_XATTRS, &name) {
-            match sys::get_xattr(fd, &name)?.as_deref() {
+            match get(&name)?.as_deref() {
                 Some(b"y") => marks.opaque = true,
                 Some(b"x") => marks.xwhiteouts = true,
                 _ => {}
             }
         } else if marks.redirect.is_none() && one_of(&REDIRECT_XATTRS, &name) {
-            marks.redirect =
-                sys::get_xattr(fd, &name)?.map(|v| OsStr::from_bytes(&v).to_os_string());
+            marks.redirect = get(&name)?.map(|v| OsStr::from_bytes(&v).to_os_string());
         } else if dir && one_of(&IMPURE_XATTRS, &name) {
             marks.impure = true;
         } else if !dir && one_of(&METACOPY_XATTRS, &name) {
             marks.metacopy = true;
         } else if marks.origin.is_none() && one_of(&ORIGIN_XATTRS, &name) {
-            marks.origin = sys::get_xattr(fd, &name)?.and_then(|v| decode_origin(&v));
+            marks.origin = get(&name)?.and_then(|v| decode_origin(&v));
         }
     }
     if dir && !marks.opaque {
@@ -299,7 +311,7 @@ pub fn is_xattr_whiteout(fd: BorrowedFd<'_>, st: &sys::Stat) -> io::Result<bool>
         return Ok(false);
     }
     for name in ["trusted.overlay.whiteout", "user.overlay.whiteout"] {
-        if sys::get_xattr(fd, OsStr::new(name))?.is_some() {
+        if sys::get_xattr_path(fd, OsStr::new(name))?.is_some() {
             return Ok(true);
         }
     }

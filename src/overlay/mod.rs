@@ -794,7 +794,11 @@ impl OverlayFs {
         if !self.own.is_plain() {
             (attr.uid, attr.gid) = self.own.show(st.st_uid, st.st_gid);
             if let (Some(xp), Some(fd)) = (self.own.xattr_perms, top)
-                && let Ok(Some(v)) = sys::get_xattr(fd.as_fd(), xp.xattr())
+                && let Ok(Some(v)) = if node.is_dir {
+                    sys::get_xattr(fd.as_fd(), xp.xattr())
+                } else {
+                    sys::get_xattr_path(fd.as_fd(), xp.xattr())
+                }
                 && let Some(o) = idmap::Override::parse(&v)
             {
                 attr.uid = o.uid;

@@ -1365,7 +1365,13 @@ impl OverlayFs {
             .top()
             .cloned()
             .ok_or_else(|| errno(libc::ESTALE))?;
-        sys::get_xattr(fd.as_fd(), name)?.ok_or_else(|| errno(libc::ENODATA))
+        // Non-directories are held as O_PATH: their xattrs are reached through /proc.
+        let value = if node.is_dir {
+            sys::get_xattr(fd.as_fd(), name)?
+        } else {
+            sys::get_xattr_path(fd.as_fd(), name)?
+        };
+        value.ok_or_else(|| errno(libc::ENODATA))
     }
 
     pub fn do_listxattr(&self, ino: INodeNo) -> io::Result<Vec<u8>> {
@@ -1376,8 +1382,13 @@ impl OverlayFs {
             .top()
             .cloned()
             .ok_or_else(|| errno(libc::ESTALE))?;
+        let names = if node.is_dir {
+            sys::list_xattr(fd.as_fd())?
+        } else {
+            sys::list_xattr_path(fd.as_fd())?
+        };
         let mut out = Vec::new();
-        for name in sys::list_xattr(fd.as_fd())? {
+        for name in names {
             if !layer::is_private_xattr(&name) {
                 out.extend_from_slice(name.as_bytes());
                 out.push(0);
