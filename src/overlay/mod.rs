@@ -138,6 +138,10 @@ enum Probe {
     Missing,
     Whiteout,
     Found(OwnedFd, sys::Stat),
+    /// A non-directory that a node already holds, and knows to carry none of the markers a
+    /// lookup reads (metacopy, redirect, origin, index): its fd is shared, nothing is opened
+    /// and no xattr is read (see `known_plain`).
+    Plain(Arc<OwnedFd>, sys::Stat),
 }
 
 /// An object found by merged lookup, before it becomes a node.
@@ -442,8 +446,15 @@ impl OverlayFs {
         }
     }
 
-    /// Looks at `name` in one layer directory.
-    fn probe(&self, dir: BorrowedFd<'_>, name: &OsStr, xwhiteouts: bool) -> io::Result<Probe> {
+    /// Looks at `name` in one layer directory: layer `layer` of the parent's, when given, which
+    /// lets a non-directory a node already holds be shared instead of opened again.
+    fn probe(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        xwhiteouts: bool,
+        layer: Option<usize>,
+    ) -> io::Result<Probe> {
         let st = match sys::fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(e) if is_enoent(&e) => {
@@ -458,6 +469,13 @@ impl OverlayFs {
         if layer::is_char_whiteout(dir, name, &st)? {
             return Ok(Probe::Whiteout);
         }
+        if let Some(li) = layer
+            && !xwhiteouts
+            && !is_dir(&st)
+            && let Some(fd) = self.known_plain(li, &st)
+        {
+            return Ok(Probe::Plain(fd, st));
+        }
         let flags = if is_dir(&st) {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
         } else {
@@ -468,6 +486,48 @@ impl OverlayFs {
             return Ok(Probe::Whiteout);
         }
         Ok(Probe::Found(fd, st))
+    }
+
+    /// The fd of the object `st` (found in layer `layer`) that a node already holds, when that
+    /// node knows the object to be plain: a non-directory with no metacopy, redirect, origin or
+    /// index entry, nothing above or below it. The node's key is what `stino_of` makes of such
+    /// an object, and the held fd must still be that inode (it cannot be reused while held), so
+    /// the node is this object. Lookups meet known objects all the time: READDIRPLUS of a
+    /// directory the kernel has entries of, the UNLINK of a name it listed, `git add` and `tar c`
+    /// over a walked tree. Each then costs an fstat instead of an openat, a listxattr through
+    /// /proc and a close. Contended nodes are left alone (`try_read`): the caller holds the
+    /// parent's state lock.
+    fn known_plain(&self, layer: usize, st: &sys::Stat) -> Option<Arc<OwnedFd>> {
+        let upper = self.has_upper && layer == 0;
+        let key = if upper {
+            self.upper_stino(st.st_ino)
+        } else {
+            self.encode(layer, st.st_ino)
+        };
+        let node = self.table.get(key)?;
+        if node.is_dir {
+            return None;
+        }
+        let fd = {
+            let s = node.state.try_read()?;
+            if s.metacopy || s.redirect.is_some() || s.index.is_some() {
+                return None;
+            }
+            if upper {
+                if !s.lowers.is_empty() {
+                    return None;
+                }
+                s.upper.clone()?
+            } else {
+                let l = match (&s.upper, s.lowers.as_slice()) {
+                    (None, [l]) if l.layer == layer && !l.metacopy => l,
+                    _ => return None,
+                };
+                l.fd.clone()
+            }
+        };
+        let held = sys::fstat(fd.as_fd()).ok()?;
+        (held.st_ino == st.st_ino && held.st_dev == st.st_dev).then_some(fd)
     }
 
     /// openat that, when the daemon is out of fds (EMFILE), takes one of the reaper's spare
@@ -531,9 +591,13 @@ impl OverlayFs {
         // redirect says otherwise.
         let mut target = Target::Name(name.to_os_string());
         if let Some(up) = upper {
-            match self.probe(up.as_fd(), name, upper_xwh)? {
+            match self.probe(up.as_fd(), name, upper_xwh, Some(0))? {
                 Probe::Whiteout => return Ok(None),
                 Probe::Missing => {}
+                Probe::Plain(fd, st) => {
+                    found.upper = Some((fd, st));
+                    return Ok(Some(found));
+                }
                 Probe::Found(fd, st) => {
                     let dir = is_dir(&st);
                     let marks = layer::marks(fd.as_fd(), dir)?;
@@ -574,9 +638,27 @@ impl OverlayFs {
                     Walk::Stop => break,
                 },
             };
-            match self.probe(dir.as_fd(), &leaf, xwh)? {
+            match self.probe(dir.as_fd(), &leaf, xwh, Some(li))? {
                 Probe::Whiteout => break,
                 Probe::Missing => continue,
+                Probe::Plain(fd, st) => {
+                    // As a plain file found below in the arm after this one.
+                    let need_data =
+                        found.metacopy || found.lowers.last().is_some_and(|(l, _)| l.metacopy);
+                    let first = found.upper.is_none() && found.lowers.is_empty();
+                    if first || need_data {
+                        found.lowers.push((
+                            LowerObj {
+                                layer: li,
+                                fd,
+                                xwhiteouts: false,
+                                metacopy: false,
+                            },
+                            st,
+                        ));
+                    }
+                    break;
+                }
                 Probe::Found(fd, st) => {
                     // A metacopy file above (upper or lower) still needs its data from here.
                     let need_data =
@@ -682,11 +764,11 @@ impl OverlayFs {
             0,
         )?;
         for comp in parents {
-            match self.probe(cur.as_fd(), comp, false)? {
+            match self.probe(cur.as_fd(), comp, false, None)? {
                 Probe::Missing => return Ok(Walk::Missing),
                 Probe::Whiteout => return Ok(Walk::Stop),
                 Probe::Found(fd, st) if is_dir(&st) => cur = fd,
-                Probe::Found(..) => return Ok(Walk::Stop),
+                Probe::Found(..) | Probe::Plain(..) => return Ok(Walk::Stop),
             }
         }
         Ok(Walk::Dir(cur))

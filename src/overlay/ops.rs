@@ -106,11 +106,25 @@ enum Slot {
 
 /// What the new object is.
 enum Make<'a> {
-    File { flags: i32, mode: u32 },
-    Dir { mode: u32 },
-    Node { mode: u32, rdev: u64 },
-    Symlink { target: &'a Path },
-    Link { src: Arc<OwnedFd> },
+    File {
+        flags: i32,
+        mode: u32,
+    },
+    Dir {
+        mode: u32,
+    },
+    Node {
+        mode: u32,
+        rdev: u64,
+    },
+    Symlink {
+        target: &'a Path,
+    },
+    /// A new name for the node `ino`, whose upper inode `src` is.
+    Link {
+        src: Arc<OwnedFd>,
+        ino: u64,
+    },
 }
 
 /// Counts one open file on `node` and returns it for the handle to keep.
@@ -186,6 +200,12 @@ impl OverlayFs {
             caller.gid
         };
         let is_link = matches!(make, Make::Link { .. });
+        // The new name of a link is the node it links to, whatever st_ino its upper inode
+        // alone would give (a file copied up keeps its number from below).
+        let link_of = match &make {
+            Make::Link { ino, .. } => Some(*ino),
+            _ => None,
+        };
         let mk_dir = matches!(make, Make::Dir { .. });
         let mut final_mode = match &make {
             Make::File { mode, .. } | Make::Node { mode, .. } => Some(mode & 0o7777),
@@ -237,7 +257,7 @@ impl OverlayFs {
                 sys::symlinkat(target.as_os_str(), bdir, &bname)?;
                 None
             }
-            Make::Link { src } => {
+            Make::Link { src, .. } => {
                 sys::link_fd(src.as_fd(), bdir, &bname)?;
                 None
             }
@@ -319,6 +339,7 @@ impl OverlayFs {
         };
         let st = sys::fstat(fd.as_fd())?;
         found.upper = Some((Arc::new(fd), st));
+        found.origin = link_of;
         found.opaque = mk_dir && slot != Slot::Free;
         let (node, st) = self.intern(parent, name, found);
         Ok((self.attr(&node, &st), node.st_ino, open_fd))
@@ -328,9 +349,9 @@ impl OverlayFs {
     fn lower_whiteout(&self, parent: &Arc<Node>, name: &OsStr) -> io::Result<bool> {
         let lowers = parent.state.read().lowers.clone();
         for l in &lowers {
-            match self.probe(l.fd.as_fd(), name, l.xwhiteouts)? {
+            match self.probe(l.fd.as_fd(), name, l.xwhiteouts, Some(l.layer))? {
                 super::Probe::Whiteout => return Ok(true),
-                super::Probe::Found(..) => return Ok(false),
+                super::Probe::Found(..) | super::Probe::Plain(..) => return Ok(false),
                 super::Probe::Missing => {}
             }
         }
@@ -406,8 +427,15 @@ impl OverlayFs {
             gid: 0,
             pid: 0,
         };
-        let (_, id, _) =
-            self.create_obj(&parent, newname, Make::Link { src: src.clone() }, caller)?;
+        let (_, id, _) = self.create_obj(
+            &parent,
+            newname,
+            Make::Link {
+                src: src.clone(),
+                ino: node.st_ino,
+            },
+            caller,
+        )?;
         self.adjust_nlink(src.as_fd(), 1, node.st_ino)?;
         let st = sys::fstat(src.as_fd())?;
         Ok((self.attr(&node, &st), id))

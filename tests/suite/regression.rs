@@ -1637,3 +1637,65 @@ fn a_lookup_on_the_cpu_of_a_long_copy_up_does_not_wait_for_it() {
     assert_eq!(read(&m.join("slow")), "lower\nx");
     m.unmount();
 }
+
+/// Found by a lookup shortcut that shares the fd of a node already in the table: LINK to a
+/// file copied up during the mount made a second node for the same inode, keyed by the
+/// upper inode's own number rather than the origin the kernel knows the file by. The kernel's
+/// lookup of the new name was counted on that stray node, which nobody ever forgot: its fd of
+/// the file stayed open until unmount. With the shortcut, READDIRPLUS then answered with the
+/// stray node, and `ls -i` showed another number than `stat`.
+#[test]
+fn a_link_to_a_copied_up_file_joins_its_node() {
+    let mut fx = Fixture::new(1);
+    fx.lower(0)
+        .dir("d")
+        .file("f", b"linked\n")
+        .file("p", b"plain\n");
+    fx.lower(0).hardlink("f", "d/g");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    let pid = *crate::util::mount::daemon_pids(m.path())
+        .first()
+        .expect("daemon pid");
+    for name in ["f", "p"] {
+        let ino = fs::metadata(m.join(name)).expect("stat").ino();
+        // The link copies the file up first.
+        fs::hard_link(m.join(name), m.join(format!("{name}-link"))).expect("ln");
+        for e in fs::read_dir(m.path()).expect("readdir").flatten() {
+            if e.file_name().to_string_lossy().starts_with(name) {
+                assert_eq!(e.ino(), ino, "d_ino of {:?}", e.file_name());
+                let st = fs::symlink_metadata(e.path()).expect("lstat");
+                assert_eq!(st.ino(), ino, "st_ino of {:?}", e.file_name());
+            }
+        }
+    }
+    assert_eq!(fs::metadata(m.join("d/g")).expect("stat").nlink(), 3);
+    for name in ["f", "f-link", "d/g", "p", "p-link"] {
+        fs::remove_file(m.join(name)).expect("rm");
+    }
+    // The kernel forgets what it no longer has a name for; then no node may hold the files.
+    let held = || -> Vec<String> {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .map(|t| t.display().to_string())
+            .filter(|t| t.contains("(deleted)") || t.contains("stratafs-index/"))
+            .collect()
+    };
+    let mut left = held();
+    for _ in 0..50 {
+        fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop dentries and inodes");
+        left = held();
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        left.is_empty(),
+        "the daemon still holds removed files: {left:?}"
+    );
+    m.unmount();
+}
