@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use fuser::FileType;
 
-use super::{LowerObj, OverlayFs, layer};
+use super::{LowerObj, OverlayFs, WhNames, layer};
 use crate::sys;
 
 /// One entry of a merged listing.
@@ -30,6 +30,8 @@ pub(super) struct DirLayer {
     pub xwhiteouts: bool,
     /// Upper directory whose entries may carry an origin st_ino.
     pub impure: bool,
+    /// A lower directory's `.wh.` names, filled by a full listing (see `LowerObj::wh_names`).
+    pub wh_names: Option<WhNames>,
 }
 
 impl DirLayer {
@@ -46,6 +48,7 @@ impl DirLayer {
                 fd: fd.clone(),
                 xwhiteouts: upper_xwh,
                 impure,
+                wh_names: None,
             });
         }
         v.extend(lowers.iter().map(|l| DirLayer {
@@ -53,6 +56,7 @@ impl DirLayer {
             fd: l.fd.clone(),
             xwhiteouts: l.xwhiteouts,
             impure: false,
+            wh_names: Some(l.wh_names.clone()),
         }));
         v
     }
@@ -94,6 +98,8 @@ impl OverlayFs {
         let mut hidden: HashSet<OsString> = HashSet::new();
         for dl in layers {
             let mut layer_hidden: Vec<OsString> = Vec::new();
+            // What this layer's `.wh.NAME` entries hide, for later lookups in it.
+            let mut wh_hidden: HashSet<OsString> = HashSet::new();
             let mut found: Vec<DirEntry> = Vec::new();
             for ent in std::fs::read_dir(fd_path(dl.fd.as_fd()))? {
                 let ent = ent?;
@@ -103,6 +109,7 @@ impl OverlayFs {
                     if name != layer::OPAQUE_WHITEOUT {
                         let hid = OsStr::from_bytes(&bytes[layer::WHITEOUT_PREFIX.len()..]);
                         layer_hidden.push(hid.to_os_string());
+                        wh_hidden.insert(hid.to_os_string());
                     }
                     continue;
                 }
@@ -142,6 +149,10 @@ impl OverlayFs {
                 if stop_at_first {
                     return Ok(found);
                 }
+            }
+            // The whole layer directory was read: keep its `.wh.` names.
+            if let Some(w) = &dl.wh_names {
+                let _ = w.set(wh_hidden);
             }
             for e in found {
                 seen.insert(e.name.clone());

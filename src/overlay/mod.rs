@@ -75,7 +75,14 @@ pub struct LowerObj {
     pub xwhiteouts: bool,
     /// A metacopy file: its data is in the next lower object.
     pub metacopy: bool,
+    /// For directories: the names a `.wh.NAME` entry hides here, once a full listing has read
+    /// them (lower layers do not change under the mount). A lookup of a name missing in this
+    /// directory then needs no `.wh.` probe.
+    pub wh_names: WhNames,
 }
+
+/// See `LowerObj::wh_names`; shared by the clones of one lower directory object.
+pub type WhNames = Arc<std::sync::OnceLock<std::collections::HashSet<OsString>>>;
 
 /// The merged filesystem.
 #[derive(Debug)]
@@ -291,6 +298,7 @@ impl OverlayFs {
                     fd: Arc::new(fd),
                     xwhiteouts,
                     metacopy: false,
+                    wh_names: WhNames::default(),
                 })
             })
             .collect::<io::Result<_>>()?;
@@ -447,18 +455,24 @@ impl OverlayFs {
     }
 
     /// Looks at `name` in one layer directory: layer `layer` of the parent's, when given, which
-    /// lets a non-directory a node already holds be shared instead of opened again.
+    /// lets a non-directory a node already holds be shared instead of opened again; `wh`, the
+    /// directory's `.wh.` names once listed, saves the probe for a `.wh.NAME` of a missing name.
     fn probe(
         &self,
         dir: BorrowedFd<'_>,
         name: &OsStr,
         xwhiteouts: bool,
         layer: Option<usize>,
+        wh: Option<&WhNames>,
     ) -> io::Result<Probe> {
         let st = match sys::fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(e) if is_enoent(&e) => {
-                return Ok(if layer::exists(dir, &layer::whiteout_name(name))? {
+                let hidden = match wh.and_then(|w| w.get()) {
+                    Some(names) => names.contains(name),
+                    None => layer::exists(dir, &layer::whiteout_name(name))?,
+                };
+                return Ok(if hidden {
                     Probe::Whiteout
                 } else {
                     Probe::Missing
@@ -591,7 +605,7 @@ impl OverlayFs {
         // redirect says otherwise.
         let mut target = Target::Name(name.to_os_string());
         if let Some(up) = upper {
-            match self.probe(up.as_fd(), name, upper_xwh, Some(0))? {
+            match self.probe(up.as_fd(), name, upper_xwh, Some(0), None)? {
                 Probe::Whiteout => return Ok(None),
                 Probe::Missing => {}
                 Probe::Plain(fd, st) => {
@@ -627,18 +641,19 @@ impl OverlayFs {
         let first_lower = usize::from(self.has_upper);
         let last = self.layers.len().saturating_sub(1);
         for li in first_lower..self.layers.len() {
-            let (dir, leaf, xwh): (Arc<OwnedFd>, OsString, bool) = match &target {
-                Target::Name(n) => match lowers.iter().find(|l| l.layer == li) {
-                    Some(l) => (l.fd.clone(), n.clone(), l.xwhiteouts),
-                    None => continue,
-                },
-                Target::Path(parents, leaf) => match self.walk_layer(li, parents)? {
-                    Walk::Dir(fd) => (Arc::new(fd), leaf.clone(), false),
-                    Walk::Missing => continue,
-                    Walk::Stop => break,
-                },
-            };
-            match self.probe(dir.as_fd(), &leaf, xwh, Some(li))? {
+            let (dir, leaf, xwh, wh): (Arc<OwnedFd>, OsString, bool, Option<&WhNames>) =
+                match &target {
+                    Target::Name(n) => match lowers.iter().find(|l| l.layer == li) {
+                        Some(l) => (l.fd.clone(), n.clone(), l.xwhiteouts, Some(&l.wh_names)),
+                        None => continue,
+                    },
+                    Target::Path(parents, leaf) => match self.walk_layer(li, parents)? {
+                        Walk::Dir(fd) => (Arc::new(fd), leaf.clone(), false, None),
+                        Walk::Missing => continue,
+                        Walk::Stop => break,
+                    },
+                };
+            match self.probe(dir.as_fd(), &leaf, xwh, Some(li), wh)? {
                 Probe::Whiteout => break,
                 Probe::Missing => continue,
                 Probe::Plain(fd, st) => {
@@ -653,6 +668,7 @@ impl OverlayFs {
                                 fd,
                                 xwhiteouts: false,
                                 metacopy: false,
+                                wh_names: WhNames::default(),
                             },
                             st,
                         ));
@@ -684,6 +700,7 @@ impl OverlayFs {
                                 fd: Arc::new(fd),
                                 xwhiteouts: false,
                                 metacopy: marks.metacopy,
+                                wh_names: WhNames::default(),
                             },
                             st,
                         ));
@@ -707,6 +724,7 @@ impl OverlayFs {
                             fd: Arc::new(fd),
                             xwhiteouts: marks.xwhiteouts,
                             metacopy: false,
+                            wh_names: WhNames::default(),
                         },
                         st,
                     ));
@@ -764,7 +782,7 @@ impl OverlayFs {
             0,
         )?;
         for comp in parents {
-            match self.probe(cur.as_fd(), comp, false, None)? {
+            match self.probe(cur.as_fd(), comp, false, None, None)? {
                 Probe::Missing => return Ok(Walk::Missing),
                 Probe::Whiteout => return Ok(Walk::Stop),
                 Probe::Found(fd, st) if is_dir(&st) => cur = fd,

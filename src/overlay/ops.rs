@@ -349,7 +349,13 @@ impl OverlayFs {
     fn lower_whiteout(&self, parent: &Arc<Node>, name: &OsStr) -> io::Result<bool> {
         let lowers = parent.state.read().lowers.clone();
         for l in &lowers {
-            match self.probe(l.fd.as_fd(), name, l.xwhiteouts, Some(l.layer))? {
+            match self.probe(
+                l.fd.as_fd(),
+                name,
+                l.xwhiteouts,
+                Some(l.layer),
+                Some(&l.wh_names),
+            )? {
                 super::Probe::Whiteout => return Ok(true),
                 super::Probe::Found(..) | super::Probe::Plain(..) => return Ok(false),
                 super::Probe::Missing => {}

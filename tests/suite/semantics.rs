@@ -887,3 +887,54 @@ fn other_files_stay_usable_while_a_large_copy_up_runs() {
     m.unmount();
     fx.assert_lowers_unchanged();
 }
+
+/// A lookup of a name missing in a lower directory asks for `.wh.NAME` there, until a full
+/// listing of that directory has read its `.wh.` names; from then on it asks the list. Both
+/// ways must hide and show the same names, in the directory and below a redirect-free subdir.
+#[test]
+fn wh_file_whiteouts_hide_the_same_names_before_and_after_a_listing() {
+    let mut fx = Fixture::new(2);
+    for f in ["d/gone", "d/kept", "d/sub/gone", "d/sub/kept"] {
+        fx.lower(1).file(f, b"bottom\n");
+    }
+    fx.lower(0)
+        .file("d/mid", b"mid\n")
+        .wh_file("d/gone")
+        .file("d/sub/mid", b"mid\n")
+        .wh_file("d/sub/gone");
+    fx.seal();
+    let m = fx.mount_stratafs("");
+    let check = |when: &str| {
+        for d in ["d", "d/sub"] {
+            assert_errno(
+                &format!("lstat {d}/gone {when}"),
+                fs::symlink_metadata(m.join(d).join("gone")),
+                libc::ENOENT,
+            );
+            assert_errno(
+                &format!("lstat {d}/never {when}"),
+                fs::symlink_metadata(m.join(d).join("never")),
+                libc::ENOENT,
+            );
+            for f in ["kept", "mid"] {
+                fs::symlink_metadata(m.join(d).join(f))
+                    .unwrap_or_else(|e| panic!("lstat {d}/{f} {when}: {e}"));
+            }
+        }
+    };
+    check("before any listing");
+    for d in ["d", "d/sub"] {
+        assert_eq!(names(&m.join(d)).len(), if d == "d" { 3 } else { 2 }, "{d}");
+    }
+    // The kernel forgets the entries of the names (negative ones too), so each is looked up
+    // again; the open directories, and with them their nodes and listings, stay.
+    let held: Vec<File> = ["d", "d/sub"]
+        .iter()
+        .map(|d| File::open(m.join(d)).expect("open dir"))
+        .collect();
+    fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop dentries and inodes");
+    check("after a listing");
+    assert_eq!(names(&m.join("d")), set(&["kept", "mid", "sub"]));
+    assert_eq!(names(&m.join("d/sub")), set(&["kept", "mid"]));
+    drop(held);
+}
