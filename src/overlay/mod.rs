@@ -879,6 +879,11 @@ impl OverlayFs {
             nlink = 0;
         } else if !node.is_dir
             && (st.st_nlink > 1 || state.index.is_some())
+            // Known by its own upper number: made in the upper layer, not an indexed copy
+            // of a lower hard link (those keep their number from below), so no merged count.
+            && !(state.index.is_none()
+                && state.upper.is_some()
+                && node.st_ino == self.encode(0, st.st_ino))
             && let Some(n) = state
                 .upper
                 .as_ref()
