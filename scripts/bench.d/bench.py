@@ -1214,6 +1214,10 @@ def main():
     ap.add_argument("--stratafs-bin", help="use this stratafs binary instead of building one")
     ap.add_argument("--stratafs-rev", help="build this committed revision (git archive) "
                     "instead of the work tree")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL[,bin=PATH][,VAR=VAL...]",
+                    help="one more stratafs peer for A/B runs, interleaved with the others: "
+                    "its own binary (default: the one built) and/or environment knobs, e.g. "
+                    "--variant nordp,STRATAFS_NO_READDIRPLUS=1; repeatable")
     ap.add_argument("--list", action="store_true", help="list workloads and exit")
     args = ap.parse_args()
 
@@ -1267,6 +1271,17 @@ def main():
             if bp:
                 peers.append(Peer("stratafs-dev", "stratafs-dev", bp,
                                   env={"STRATAFS_NO_URING": "1"}))
+    for v in args.variant:
+        label, *kvs = v.split(",")
+        if not label or not all("=" in kv for kv in kvs):
+            sys.exit(f"bad --variant {v!r}: want LABEL[,bin=PATH][,VAR=VAL...]")
+        kv = dict(x.split("=", 1) for x in kvs)
+        bp = kv.pop("bin", None) or stratafs_binary(args, b)
+        if not bp or not os.access(bp, os.X_OK):
+            sys.exit(f"--variant {label}: {bp} is not an executable")
+        peers.append(Peer(f"stratafs-v-{label}", label, bp, env=kv or None))
+        b.notes.append(f"{label}: stratafs variant, binary {bp}"
+                       + (", env " + " ".join(f"{k}={x}" for k, x in kv.items()) if kv else ""))
     if not peers:
         sys.exit("no peers to run")
 
