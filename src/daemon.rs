@@ -146,6 +146,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         index: o.index.unwrap_or(true),
         ownership: o.ownership.clone(),
         fd_limit,
+        readdirplus_attrs: crate::overlay::rdplus::Mode::from_env().map_err(anyhow::Error::msg)?,
     };
     let fs = Arc::new(OverlayFs::new(&cfg).context("cannot open the layers")?);
     let served = fs.clone();

@@ -171,7 +171,10 @@ pub(super) fn lookup_entry(
         fs.do_lookup(parent, name)
     });
     match res {
-        Ok((attr, _)) => Ok((fs.entry_ttl(&attr), attr)),
+        Ok((attr, _)) => {
+            fs.rdplus_looked_up(parent, &attr);
+            Ok((fs.entry_ttl(&attr), attr))
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((fs.ttl(), negative_attr())),
         Err(e) => Err(e),
     }
@@ -211,17 +214,28 @@ pub(super) fn opendir_flags() -> FopenFlags {
     }
 }
 
-/// Fills a READDIRPLUS reply: `add(next offset, name, entry timeout, attr)` says true when the
-/// entry did not fit. An error is for the whole reply only when no entry went in.
+/// One READDIRPLUS entry: with the attributes of a lookup the kernel counts, or bare (node
+/// id 0, no attributes: the kernel makes no dentry and looks the name up when it needs it).
+pub(super) enum PlusEntry<'a> {
+    Full(std::time::Duration, &'a fuser::FileAttr),
+    Bare { ino: u64, kind: fuser::FileType },
+}
+
+/// Fills a READDIRPLUS reply: `add(next offset, name, entry)` says true when the entry did not
+/// fit. An error is for the whole reply only when no entry went in. `bare_ok`: the transport
+/// can send bare entries; `rdplus::Policy` then says whether non-directories go bare.
 pub(super) fn readdirplus_entries(
     fs: &OverlayFs,
     ino: INodeNo,
     fh: u64,
     offset: u64,
-    mut add: impl FnMut(u64, &OsStr, std::time::Duration, &fuser::FileAttr) -> bool,
+    bare_ok: bool,
+    mut add: impl FnMut(u64, &OsStr, PlusEntry<'_>) -> bool,
 ) -> io::Result<()> {
     let entries = guard(|| fs.do_readdir(fh, offset))?;
     let ttl = fs.ttl();
+    let bare_files = bare_ok && !fs.rdplus_attrs();
+    let (mut bare, mut full) = (0u64, 0u64);
     let mut added = false;
     for (i, e) in entries.iter().enumerate().skip(offset as usize) {
         let next = (i + 1) as u64;
@@ -230,10 +244,23 @@ pub(super) fn readdirplus_entries(
             let mut attr = negative_attr();
             attr.ino = INodeNo(e.ino);
             attr.kind = fuser::FileType::Directory;
-            if add(next, &e.name, ttl, &attr) {
+            if add(next, &e.name, PlusEntry::Full(ttl, &attr)) {
                 break;
             }
             added = true;
+            continue;
+        }
+        let is_dir = e.kind == fuser::FileType::Directory;
+        if bare_files && !is_dir {
+            let entry = PlusEntry::Bare {
+                ino: e.ino,
+                kind: e.kind,
+            };
+            if add(next, &e.name, entry) {
+                break;
+            }
+            added = true;
+            bare += 1;
             continue;
         }
         // Past the fd budget this reply ends early: the kernel holds the directory's lock
@@ -245,11 +272,14 @@ pub(super) fn readdirplus_entries(
         // Each entry sent is a lookup the kernel counts; one that does not fit is undone.
         match guard(|| fs.do_lookup(ino, &e.name)) {
             Ok((attr, id)) => {
-                if add(next, &e.name, fs.entry_ttl(&attr), &attr) {
+                if add(next, &e.name, PlusEntry::Full(fs.entry_ttl(&attr), &attr)) {
                     fs.do_forget(INodeNo(id), 1);
                     break;
                 }
                 added = true;
+                if !is_dir {
+                    full += 1;
+                }
             }
             // Removed since the listing was taken.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -257,6 +287,9 @@ pub(super) fn readdirplus_entries(
             Err(_) if added => break,
             Err(e) => return Err(e),
         }
+    }
+    if bare_ok {
+        fs.rdplus_sent(ino, bare, full);
     }
     Ok(())
 }
@@ -621,8 +654,10 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let res = readdirplus_entries(self, ino, fh.0, offset, |next, name, ttl, attr| {
-            reply.add(attr.ino, next, name, &ttl, attr, GEN)
+        // fuser writes the attributes' ino as the node id: no bare entries this way.
+        let res = readdirplus_entries(self, ino, fh.0, offset, false, |next, name, e| match e {
+            PlusEntry::Full(ttl, attr) => reply.add(attr.ino, next, name, &ttl, attr, GEN),
+            PlusEntry::Bare { .. } => unreachable!("bare READDIRPLUS entry over /dev/fuse"),
         });
         match res {
             Ok(()) => reply.ok(),

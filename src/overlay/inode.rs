@@ -42,6 +42,8 @@ pub struct Node {
     pub io: Mutex<NodeIo>,
     /// Open files (FUSE handles) of this node.
     pub opens: AtomicU64,
+    /// A READDIRPLUS of this directory sent entries without attributes (see `rdplus`).
+    pub listed_bare: AtomicBool,
     /// The fds this node held when made (one per layer object), as counted in the table's
     /// budget; fixed, so the table's sum never drifts. A later copy-up adds one the budget's
     /// reserve covers.
@@ -201,6 +203,7 @@ impl Node {
             copy_lock: Mutex::new(()),
             io: Mutex::new(NodeIo::default()),
             opens: AtomicU64::new(0),
+            listed_bare: AtomicBool::new(false),
         }
     }
 

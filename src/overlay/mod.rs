@@ -16,6 +16,7 @@ pub mod inode;
 pub mod layer;
 mod ops;
 pub mod privs;
+pub mod rdplus;
 pub mod reaper;
 pub mod uring;
 mod wire;
@@ -64,6 +65,8 @@ pub struct FsConfig {
     pub ownership: idmap::Ownership,
     /// RLIMIT_NOFILE the daemon runs with.
     pub fd_limit: u64,
+    /// Which READDIRPLUS entries carry attributes (`rdplus`).
+    pub readdirplus_attrs: rdplus::Mode,
 }
 
 /// A lower object found by lookup.
@@ -138,6 +141,8 @@ pub struct OverlayFs {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// The mount's st_dev, once mounted (see `executing`).
     mount_dev: Arc<std::sync::OnceLock<u64>>,
+    /// Which READDIRPLUS entries carry attributes.
+    rdplus: rdplus::Policy,
 }
 
 /// How a name looks in one layer directory.
@@ -336,6 +341,7 @@ impl OverlayFs {
         };
         let table = Arc::new(InodeTable::new(root));
         Ok(OverlayFs {
+            rdplus: rdplus::Policy::new(cfg.readdirplus_attrs),
             layers,
             has_upper,
             work,
@@ -1001,6 +1007,33 @@ impl OverlayFs {
         }
         let st = self.stat_node(&node)?;
         Ok(self.attr(&node, &st))
+    }
+
+    /// Do the non-directory entries of the next READDIRPLUS reply carry attributes?
+    fn rdplus_attrs(&self) -> bool {
+        self.rdplus.attrs()
+    }
+
+    /// A READDIRPLUS reply of directory `dir` went out with `bare` entries without attributes
+    /// and `full` non-directories with them.
+    fn rdplus_sent(&self, dir: INodeNo, bare: u64, full: u64) {
+        if bare > 0
+            && let Some(d) = self.table.get(dir.0)
+        {
+            d.listed_bare.store(true, Ordering::Relaxed);
+        }
+        self.rdplus.sent(bare, full);
+    }
+
+    /// The kernel looked up a name of `parent` and found `attr`: if the name may have been
+    /// listed bare, the listing's caller wanted attributes after all.
+    fn rdplus_looked_up(&self, parent: INodeNo, attr: &FileAttr) {
+        if attr.kind != FileType::Directory
+            && let Some(p) = self.table.get(parent.0)
+            && p.listed_bare.load(Ordering::Relaxed)
+        {
+            self.rdplus.hit();
+        }
     }
 
     /// Did FUSE_INIT offer FUSE over io_uring? (Then `uring::start` may serve requests.)

@@ -255,6 +255,23 @@ impl<'a> Out<'a> {
         self.dirent(a.ino.0, next, a.kind, name)
     }
 
+    /// One `struct fuse_direntplus` without attributes: node id 0 tells the kernel to make no
+    /// dentry (it looks the name up when it needs it). Full if it does not fit.
+    pub fn direntplus_bare(
+        &mut self,
+        ino: u64,
+        next: u64,
+        kind: FileType,
+        name: &OsStr,
+    ) -> Result<(), Full> {
+        let size = (ENTRY_OUT_LEN + 24 + name.len()).next_multiple_of(8);
+        if self.len + size > self.buf.len() {
+            return Err(Full);
+        }
+        self.zeros(ENTRY_OUT_LEN)?;
+        self.dirent(ino, next, kind, name)
+    }
+
     /// `struct fuse_kstatfs` from statvfs.
     pub fn statfs(&mut self, s: &libc::statvfs) -> Result<(), Full> {
         self.u64(s.f_blocks)?;
