@@ -568,9 +568,11 @@ fn handle(
             let room = size.min(payload.len());
             let mut out = Out::new(&mut payload[..room]);
             fuse::readdirplus_entries(fs, ino, fh, offset, true, |next, name, e| match e {
-                fuse::PlusEntry::Full(ttl, attr) => out.direntplus(next, name, ttl, attr).is_err(),
+                fuse::PlusEntry::Full(ttl, attr) => out
+                    .direntplus(attr.ino.0, next, attr.kind, name, Some((ttl, attr)))
+                    .is_err(),
                 fuse::PlusEntry::Bare { ino, kind } => {
-                    out.direntplus_bare(ino, next, kind, name).is_err()
+                    out.direntplus(ino, next, kind, name, None).is_err()
                 }
             })
             .map_err(code)?;

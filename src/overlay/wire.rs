@@ -239,36 +239,25 @@ impl<'a> Out<'a> {
         self.zeros(size - 24 - name.len())
     }
 
-    /// One `struct fuse_direntplus` and its name. Full if it does not fit.
+    /// One `struct fuse_direntplus` and its name, with the entry of a lookup the kernel
+    /// counts, or without (`None`: node id 0, no attributes; the kernel makes no dentry and
+    /// looks the name up when it needs it). Full if it does not fit.
     pub fn direntplus(
-        &mut self,
-        next: u64,
-        name: &OsStr,
-        ttl: Duration,
-        a: &FileAttr,
-    ) -> Result<(), Full> {
-        let size = (ENTRY_OUT_LEN + 24 + name.len()).next_multiple_of(8);
-        if self.len + size > self.buf.len() {
-            return Err(Full);
-        }
-        self.entry(ttl, a)?;
-        self.dirent(a.ino.0, next, a.kind, name)
-    }
-
-    /// One `struct fuse_direntplus` without attributes: node id 0 tells the kernel to make no
-    /// dentry (it looks the name up when it needs it). Full if it does not fit.
-    pub fn direntplus_bare(
         &mut self,
         ino: u64,
         next: u64,
         kind: FileType,
         name: &OsStr,
+        entry: Option<(Duration, &FileAttr)>,
     ) -> Result<(), Full> {
         let size = (ENTRY_OUT_LEN + 24 + name.len()).next_multiple_of(8);
         if self.len + size > self.buf.len() {
             return Err(Full);
         }
-        self.zeros(ENTRY_OUT_LEN)?;
+        match entry {
+            Some((ttl, a)) => self.entry(ttl, a)?,
+            None => self.zeros(ENTRY_OUT_LEN)?,
+        }
         self.dirent(ino, next, kind, name)
     }
 

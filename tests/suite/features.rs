@@ -432,6 +432,17 @@ fn daemon_fds(pid: u32) -> usize {
         .count()
 }
 
+/// Looking a listed name up gives the st_ino the listing gave as d_ino.
+fn d_ino_is_st_ino(e: &fs::DirEntry) {
+    let st = fs::symlink_metadata(e.path()).expect("lstat");
+    assert_eq!(
+        e.ino(),
+        st.ino(),
+        "d_ino != st_ino for {}",
+        e.path().display()
+    );
+}
+
 /// READDIRPLUS entries are lookups done ahead, and a cold `find` that never stats the files
 /// it lists is 4x slower with them. Over io_uring, files are listed without attributes (no
 /// node, no fd) until the names listed that way get looked up soon after (`ls -l`, `rm -rf`);
@@ -485,30 +496,14 @@ fn readdirplus_lists_files_bare_until_their_names_get_looked_up() {
         );
     }
     // Now every name listed is looked up, as `ls -l` does.
-    for e in &a {
-        let st = fs::symlink_metadata(e.path()).expect("lstat");
-        assert_eq!(
-            e.ino(),
-            st.ino(),
-            "d_ino != st_ino for {}",
-            e.path().display()
-        );
-    }
+    a.iter().for_each(d_ino_is_st_ino);
     let (b, fds_b) = list("b");
     println!("listing b after stat'ing a: {fds_b} new fds");
     assert!(
         fds_b >= N / 2,
         "after every name of a was looked up, listing b made only {fds_b} nodes"
     );
-    for e in &b {
-        let st = fs::symlink_metadata(e.path()).expect("lstat");
-        assert_eq!(
-            e.ino(),
-            st.ino(),
-            "d_ino != st_ino for {}",
-            e.path().display()
-        );
-    }
+    b.iter().for_each(d_ino_is_st_ino);
     // A fixed choice: never, which is what a plain READDIR gives.
     drop(m);
     let m = Mount::stratafs_env(
@@ -519,14 +514,7 @@ fn readdirplus_lists_files_bare_until_their_names_get_looked_up() {
     );
     for d in ["a", "b", "c"] {
         for e in fs::read_dir(m.join(d)).expect("readdir") {
-            let e = e.expect("dirent");
-            let st = fs::symlink_metadata(e.path()).expect("lstat");
-            assert_eq!(
-                e.ino(),
-                st.ino(),
-                "d_ino != st_ino for {}",
-                e.path().display()
-            );
+            d_ino_is_st_ino(&e.expect("dirent"));
         }
     }
     drop(m);
