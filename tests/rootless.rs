@@ -1144,6 +1144,9 @@ ops() {{
     cd "$1" || exit 1
     for f in a b c d e g h; do echo data > $f; chown 5:5 $f; chmod 6755 $f; done
     echo data > p; chown 5:0 p; chmod 2644 p
+    # the modes before the writes too: a failed sanity check then tells a chmod that did not
+    # take from a kill that should not have happened
+    r0=; for f in a b c d e g h p; do r0="$r0$(stat -c %a $f),"; done
     as 5 sh -c 'echo x >> a'
     as 5 truncate -s 1 b
     as 5 sh -c ': > c'
@@ -1153,7 +1156,7 @@ ops() {{
     as 5 chgrp 5 h
     as 5 sh -c 'echo x >> p'
     r=; for f in a b c d e g h p; do r="$r $f=$(stat -c %a $f)"; done
-    cd /; echo $r
+    cd /; echo "before=$r0 after:$r"
 }}
 mount -t overlay overlay -o "userxattr,lowerdir=$T/k/l,upperdir=$T/k/u,workdir=$T/k/w" "$T/k/m"
 obs kernel "$(ops "$T/k/m")"
