@@ -115,6 +115,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     .flatten()
     .fold(1 << 20, u64::min);
     let fd_limit = sys::raise_nofile_limit(want).unwrap_or(1024);
+    let read_ahead_kb = read_ahead_from_env().map_err(anyhow::Error::msg)?;
     let root = sys::geteuid() == 0;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -262,8 +263,11 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         }
     }
     // The mount's st_dev, from mountinfo: a stat of the mountpoint would wait on ourselves.
-    if let Some(dev) = mount_dev(&mnt) {
-        let _ = dev_cell.set(dev);
+    if let Some((maj, min)) = mount_majmin(&mnt) {
+        let _ = dev_cell.set(sys::makedev(maj, min));
+        if let Some(kb) = read_ahead_kb {
+            set_read_ahead(maj, min, kb);
+        }
     }
     if notify {
         println!("ready");
@@ -286,8 +290,33 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     Ok(())
 }
 
-/// The st_dev of the mount at `mnt`, read from /proc/self/mountinfo (`major:minor`).
-fn mount_dev(mnt: &std::path::Path) -> Option<u64> {
+/// `STRATAFS_READ_AHEAD_KB=N` (4..=65536): the readahead of this mount, which the kernel starts
+/// at 128 KiB for every FUSE mount. Larger makes cold sequential reads and mmap read-around
+/// come in fewer, bigger READs (up to the 1 MiB a request carries), at the cost of reading more
+/// around random page faults, so it is not the default.
+fn read_ahead_from_env() -> Result<Option<u32>, String> {
+    let Ok(v) = std::env::var("STRATAFS_READ_AHEAD_KB") else {
+        return Ok(None);
+    };
+    match v.trim().parse::<u32>() {
+        Ok(kb) if (4..=65536).contains(&kb) => Ok(Some(kb)),
+        _ => Err(format!(
+            "STRATAFS_READ_AHEAD_KB={v}: want a number of KiB from 4 to 65536"
+        )),
+    }
+}
+
+/// Sets the mount's bdi `read_ahead_kb` (root only: where it cannot, the mount goes on with
+/// the kernel's 128 KiB, and says so).
+fn set_read_ahead(maj: u32, min: u32, kb: u32) {
+    let path = format!("/sys/class/bdi/{maj}:{min}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, format!("{kb}\n")) {
+        tracing::warn!("readahead stays at the kernel's ({path}: {e})");
+    }
+}
+
+/// The `major:minor` of the mount at `mnt`, read from /proc/self/mountinfo.
+fn mount_majmin(mnt: &std::path::Path) -> Option<(u32, u32)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mnt.to_string_lossy();
     let line = info.lines().rev().find(|l| {
@@ -296,7 +325,7 @@ fn mount_dev(mnt: &std::path::Path) -> Option<u64> {
             .is_some_and(|m| crate::options::unescape_mountinfo(m) == want)
     })?;
     let (maj, min) = line.split(' ').nth(2)?.split_once(':')?;
-    Some(sys::makedev(maj.parse().ok()?, min.parse().ok()?))
+    Some((maj.parse().ok()?, min.parse().ok()?))
 }
 
 /// Are we in the initial user namespace (where uid 0 holds real capabilities)?
