@@ -432,6 +432,23 @@ fn daemon_fds(pid: u32) -> usize {
         .count()
 }
 
+/// A mount with `var=value` in the daemon's environment fails, with a message naming `var`.
+fn env_value_fails_the_mount(fx: &Fixture, var: &str, value: &str) {
+    let args = [
+        "-o".to_string(),
+        fx.layers().options(),
+        fx.mnt.display().to_string(),
+    ];
+    let Err(out) = Mount::stratafs_args_env(&args, &fx.mnt, None, &[(var, value)]) else {
+        panic!("{var}={value} must fail the mount");
+    };
+    assert!(
+        out.describe().contains(var),
+        "unclear error: {}",
+        out.describe()
+    );
+}
+
 /// Looking a listed name up gives the st_ino the listing gave as d_ino.
 fn d_ino_is_st_ino(e: &fs::DirEntry) {
     let st = fs::symlink_metadata(e.path()).expect("lstat");
@@ -518,25 +535,7 @@ fn readdirplus_lists_files_bare_until_their_names_get_looked_up() {
         }
     }
     drop(m);
-    let args = [
-        "-o".to_string(),
-        fx.layers().options(),
-        fx.mnt.display().to_string(),
-    ];
-    let bad = Mount::stratafs_args_env(
-        &args,
-        &fx.mnt,
-        None,
-        &[("STRATAFS_READDIRPLUS_ATTRS", "sometimes")],
-    );
-    let Err(out) = bad else {
-        panic!("an unknown STRATAFS_READDIRPLUS_ATTRS must fail the mount");
-    };
-    assert!(
-        out.describe().contains("STRATAFS_READDIRPLUS_ATTRS"),
-        "unclear error: {}",
-        out.describe()
-    );
+    env_value_fails_the_mount(&fx, "STRATAFS_READDIRPLUS_ATTRS", "sometimes");
 }
 
 /// The bdi `read_ahead_kb` of the mount at `mnt`.
@@ -583,20 +582,6 @@ fn read_ahead_kb_sets_the_mounts_readahead() {
     drop(m);
     fx.assert_lowers_unchanged();
     for bad in ["lots", "0", "100000"] {
-        let args = [
-            "-o".to_string(),
-            fx.layers().options(),
-            fx.mnt.display().to_string(),
-        ];
-        let res =
-            Mount::stratafs_args_env(&args, &fx.mnt, None, &[("STRATAFS_READ_AHEAD_KB", bad)]);
-        let Err(out) = res else {
-            panic!("STRATAFS_READ_AHEAD_KB={bad} must fail the mount");
-        };
-        assert!(
-            out.describe().contains("STRATAFS_READ_AHEAD_KB"),
-            "unclear error: {}",
-            out.describe()
-        );
+        env_value_fails_the_mount(&fx, "STRATAFS_READ_AHEAD_KB", bad);
     }
 }
