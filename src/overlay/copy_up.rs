@@ -339,12 +339,6 @@ impl OverlayFs {
     /// Adds `delta` to the merged link count of an indexed inode (no-op for other inodes);
     /// at zero the index entry `key` goes too.
     pub(super) fn adjust_nlink(&self, fd: BorrowedFd<'_>, delta: i32, key: u64) -> io::Result<()> {
-        // An inode known by its own upper number was made in the upper layer, not copied up
-        // from a lower hard link: it has no index entry and no merged count (git links every
-        // object it writes, and each link and unlink came here).
-        if key == self.encode(0, sys::fstat(fd)?.st_ino) {
-            return Ok(());
-        }
         let _guard = self.nlink_lock.lock();
         if let Some(n) = self.index_nlink(fd) {
             let n = n.saturating_add_signed(delta);

@@ -234,7 +234,7 @@ pub(super) fn readdirplus_entries(
 ) -> io::Result<()> {
     let entries = guard(|| fs.do_readdir(fh, offset))?;
     let ttl = fs.ttl();
-    let bare_files = bare_ok && !fs.rdplus_attrs();
+    let bare_files = bare_ok && !fs.rdplus.attrs();
     let (mut bare, mut full) = (0u64, 0u64);
     let mut added = false;
     for (i, e) in entries.iter().enumerate().skip(offset as usize) {

@@ -452,6 +452,13 @@ impl OverlayFs {
         }
     }
 
+    /// Was the object `st_ino`, whose upper inode has stat `upper`, made in the upper layer?
+    /// It is then known by its own upper number and has no index entry and no merged link
+    /// count to keep: copied-up lower hard links keep the number of their origin.
+    fn made_in_upper(&self, st_ino: u64, upper: &sys::Stat) -> bool {
+        st_ino == self.encode(0, upper.st_ino)
+    }
+
     fn stino_of(&self, found: &Found) -> u64 {
         match &found.upper {
             Some(_) if found.origin.is_some() => found.origin.unwrap_or_default(),
@@ -885,11 +892,9 @@ impl OverlayFs {
             nlink = 0;
         } else if !node.is_dir
             && (st.st_nlink > 1 || state.index.is_some())
-            // Known by its own upper number: made in the upper layer, not an indexed copy
-            // of a lower hard link (those keep their number from below), so no merged count.
             && !(state.index.is_none()
                 && state.upper.is_some()
-                && node.st_ino == self.encode(0, st.st_ino))
+                && self.made_in_upper(node.st_ino, st))
             && let Some(n) = state
                 .upper
                 .as_ref()
@@ -1009,11 +1014,6 @@ impl OverlayFs {
         Ok(self.attr(&node, &st))
     }
 
-    /// Do the non-directory entries of the next READDIRPLUS reply carry attributes?
-    fn rdplus_attrs(&self) -> bool {
-        self.rdplus.attrs()
-    }
-
     /// A READDIRPLUS reply of directory `dir` went out with `bare` entries without attributes
     /// and `full` non-directories with them.
     fn rdplus_sent(&self, dir: INodeNo, bare: u64, full: u64) {
@@ -1029,6 +1029,7 @@ impl OverlayFs {
     /// listed bare, the listing's caller wanted attributes after all.
     fn rdplus_looked_up(&self, parent: INodeNo, attr: &FileAttr) {
         if attr.kind != FileType::Directory
+            && self.rdplus.learning()
             && let Some(p) = self.table.get(parent.0)
             && p.listed_bare.load(Ordering::Relaxed)
         {

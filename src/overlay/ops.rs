@@ -442,8 +442,10 @@ impl OverlayFs {
             },
             caller,
         )?;
-        self.adjust_nlink(src.as_fd(), 1, node.st_ino)?;
         let st = sys::fstat(src.as_fd())?;
+        if !self.made_in_upper(node.st_ino, &st) {
+            self.adjust_nlink(src.as_fd(), 1, node.st_ino)?;
+        }
         Ok((self.attr(&node, &st), id))
     }
 
@@ -560,8 +562,15 @@ impl OverlayFs {
 
     /// The inode whose merged link count must change when a name of `found` goes: its upper
     /// or indexed inode, after indexing it first if it is a lower hard link (as the kernel
-    /// does with `index=on`), so the other names show the count that remains.
+    /// does with `index=on`), so the other names show the count that remains. None when there
+    /// is no merged count: a non-indexed lower file, or an inode made in the upper layer.
     fn counted_inode(&self, parent: &Arc<Node>, found: &Found) -> io::Result<Option<Arc<OwnedFd>>> {
+        // git links every object it writes: no xattr to read for inodes made up here.
+        if let Some((_, st)) = &found.upper
+            && self.made_in_upper(self.stino_of(found), st)
+        {
+            return Ok(None);
+        }
         if let Some(fd) = found.upper_inode() {
             return Ok(Some(fd.clone()));
         }

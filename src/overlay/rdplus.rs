@@ -81,6 +81,12 @@ impl Policy {
         }
     }
 
+    /// Does the choice follow what the mount sees (auto)? Else `sent` and `hit` need not be
+    /// called.
+    pub fn learning(&self) -> bool {
+        self.mode == Mode::Auto
+    }
+
     /// Do the non-directory entries of the next READDIRPLUS reply carry attributes?
     pub fn attrs(&self) -> bool {
         match self.mode {
@@ -93,14 +99,14 @@ impl Policy {
     /// A reply went out with `bare` entries without attributes and `full` non-directory
     /// entries with them.
     pub fn sent(&self, bare: u64, full: u64) {
-        if self.mode == Mode::Auto && bare + full > 0 {
+        if self.learning() && bare + full > 0 {
             self.add(-(BARE * bare as i64 + FULL * full as i64));
         }
     }
 
     /// The kernel looked up a non-directory in a directory whose listing went out bare.
     pub fn hit(&self) {
-        if self.mode == Mode::Auto {
+        if self.learning() {
             self.add(HIT);
         }
     }
