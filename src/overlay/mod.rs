@@ -87,6 +87,17 @@ pub struct LowerObj {
 /// See `LowerObj::wh_names`; shared by the clones of one lower directory object.
 pub type WhNames = Arc<std::sync::OnceLock<std::collections::HashSet<OsString>>>;
 
+/// How `probe` tells a missing name from a whited-out one.
+#[derive(Clone, Copy)]
+enum Wh<'a> {
+    /// Look for `.wh.NAME` in the directory.
+    Ask,
+    /// The directory's `.wh.` names, once a full listing has read them (else as `Ask`).
+    Listed(&'a WhNames),
+    /// No layer lies below this directory: a missing name is missing, whiteout or not.
+    NothingBelow,
+}
+
 /// The merged filesystem.
 #[derive(Debug)]
 pub struct OverlayFs {
@@ -468,20 +479,25 @@ impl OverlayFs {
     }
 
     /// Looks at `name` in one layer directory: layer `layer` of the parent's, when given, which
-    /// lets a non-directory a node already holds be shared instead of opened again; `wh`, the
-    /// directory's `.wh.` names once listed, saves the probe for a `.wh.NAME` of a missing name.
+    /// lets a non-directory a node already holds be shared instead of opened again; `wh` says
+    /// how to tell whether a missing name is whited out (see `Wh`).
     fn probe(
         &self,
         dir: BorrowedFd<'_>,
         name: &OsStr,
         xwhiteouts: bool,
         layer: Option<usize>,
-        wh: Option<&WhNames>,
+        wh: Wh<'_>,
     ) -> io::Result<Probe> {
         let st = match sys::fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(e) if is_enoent(&e) => {
-                let hidden = match wh.and_then(|w| w.get()) {
+                let listed = match wh {
+                    Wh::NothingBelow => return Ok(Probe::Missing),
+                    Wh::Listed(w) => w.get(),
+                    Wh::Ask => None,
+                };
+                let hidden = match listed {
                     Some(names) => names.contains(name),
                     None => layer::exists(dir, &layer::whiteout_name(name))?,
                 };
@@ -618,7 +634,15 @@ impl OverlayFs {
         // redirect says otherwise.
         let mut target = Target::Name(name.to_os_string());
         if let Some(up) = upper {
-            match self.probe(up.as_fd(), name, upper_xwh, Some(0), None)? {
+            // With no layer below, a whiteout would hide nothing: a missing name is missing,
+            // and no `.wh.NAME` probe (a dcache miss in the upper dir, `git add` makes one per
+            // object it looks for) is needed to say so.
+            let wh = if lowers.is_empty() {
+                Wh::NothingBelow
+            } else {
+                Wh::Ask
+            };
+            match self.probe(up.as_fd(), name, upper_xwh, Some(0), wh)? {
                 Probe::Whiteout => return Ok(None),
                 Probe::Missing => {}
                 Probe::Plain(fd, st) => {
@@ -666,6 +690,7 @@ impl OverlayFs {
                         Walk::Stop => break,
                     },
                 };
+            let wh = wh.map_or(Wh::Ask, Wh::Listed);
             match self.probe(dir.as_fd(), &leaf, xwh, Some(li), wh)? {
                 Probe::Whiteout => break,
                 Probe::Missing => continue,
@@ -795,7 +820,7 @@ impl OverlayFs {
             0,
         )?;
         for comp in parents {
-            match self.probe(cur.as_fd(), comp, false, None, None)? {
+            match self.probe(cur.as_fd(), comp, false, None, Wh::Ask)? {
                 Probe::Missing => return Ok(Walk::Missing),
                 Probe::Whiteout => return Ok(Walk::Stop),
                 Probe::Found(fd, st) if is_dir(&st) => cur = fd,

@@ -354,7 +354,7 @@ impl OverlayFs {
                 name,
                 l.xwhiteouts,
                 Some(l.layer),
-                Some(&l.wh_names),
+                super::Wh::Listed(&l.wh_names),
             )? {
                 super::Probe::Whiteout => return Ok(true),
                 super::Probe::Found(..) | super::Probe::Plain(..) => return Ok(false),
