@@ -148,6 +148,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         ownership: o.ownership.clone(),
         fd_limit,
         readdirplus_attrs: crate::overlay::rdplus::Mode::from_env().map_err(anyhow::Error::msg)?,
+        posix_acl: !o.noacl && o.ownership.is_plain(),
     };
     let fs = Arc::new(OverlayFs::new(&cfg).context("cannot open the layers")?);
     let served = fs.clone();

@@ -25,7 +25,8 @@ Usage:
 
 The first lowerdir is the topmost. Without upperdir the mount is read-only.
 Options: lowerdir, upperdir, workdir, ro, allow_other, allow_root, default_permissions
-(always on), nodev, nosuid, noexec, noatime, sync, dirsync, fsname=, subtype=, volatile.
+(always on), nodev, nosuid, noexec, noatime, sync, dirsync, fsname=, subtype=, volatile,
+noacl (POSIX ACLs are not enforced).
 fuse-overlayfs options that do not apply yet are accepted with a warning.
 
   -f          stay in the foreground

@@ -51,6 +51,8 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     pub subtype: Option<String>,
     pub volatile: bool,
+    /// `noacl`: the kernel checks the mode bits only, POSIX ACLs stay plain xattrs.
+    pub noacl: bool,
     /// `metacopy=on|off` (default on).
     pub metacopy: Option<bool>,
     /// `redirect_dir=on|off|follow|nofollow` (default on; follow/nofollow write none).
@@ -66,7 +68,6 @@ pub struct MountOptions {
 /// fuse-overlayfs options stratafs accepts but does not apply (yet).
 const ACCEPTED_NOT_APPLIED: &[&str] = &[
     "static_nlink",
-    "noacl",
     "timeout",
     "threaded",
     "fsync",
@@ -194,6 +195,7 @@ impl MountOptions {
                 "sync" => self.sync = true,
                 "dirsync" => self.dirsync = true,
                 "volatile" => self.volatile = true,
+                "noacl" => self.noacl = true,
                 "fsname" => self.fsname = Some(need(value)?),
                 "metacopy" => {
                     self.metacopy = Some(match need(value)?.as_str() {

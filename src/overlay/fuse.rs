@@ -336,6 +336,13 @@ impl Filesystem for FuseFs {
         // The kernel then caches "nothing to kill" per inode instead of asking for
         // security.capability before every write; S_ISUID/S_ISGID are ours to clear (privs.rs).
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // POSIX ACLs: the kernel checks them (fetching system.posix_acl_access and caching it
+        // per inode, as it does for any filesystem) and leaves the umask to us, which a
+        // default ACL replaces (`acl.rs`).
+        let acl = self.want_posix_acl
+            && config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_DONT_MASK).is_ok();
+        self.posix_acl.store(acl, Ordering::Relaxed);
         let _ = config.set_max_write(1 << 20);
         // The kernel offers FUSE over io_uring when the fuse module's enable_uring is on. We
         // register rings without asking for it here: asked for, the kernel holds every request

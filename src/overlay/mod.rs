@@ -8,6 +8,7 @@
 //! read-only); every name is resolved with `*at` calls relative to a layer fd, one component at a
 //! time, never following a symlink; no lock is held while data is copied.
 
+mod acl;
 mod copy_up;
 mod dir;
 mod fuse;
@@ -67,6 +68,9 @@ pub struct FsConfig {
     pub fd_limit: u64,
     /// Which READDIRPLUS entries carry attributes (`rdplus`).
     pub readdirplus_attrs: rdplus::Mode,
+    /// Ask the kernel to enforce POSIX ACLs (FUSE_POSIX_ACL); off with `noacl`, and where
+    /// ownership is translated (ids inside ACLs are not).
+    pub posix_acl: bool,
 }
 
 /// A lower object found by lookup.
@@ -129,6 +133,10 @@ pub struct OverlayFs {
     want_uring: bool,
     /// The kernel offered FUSE over io_uring at FUSE_INIT.
     uring: AtomicBool,
+    /// Ask for FUSE_POSIX_ACL at init.
+    want_posix_acl: bool,
+    /// The kernel enforces POSIX ACLs and leaves the umask to us (see `acl`).
+    posix_acl: AtomicBool,
     /// The io_uring transport serves the requests (every queue registered).
     rings: AtomicBool,
     /// While the rings run: the spacing of fuser's reads of /dev/fuse, in µs (0: none), and
@@ -370,6 +378,8 @@ impl OverlayFs {
             want_passthrough: cfg.passthrough,
             want_uring: cfg.uring,
             uring: AtomicBool::new(false),
+            want_posix_acl: cfg.posix_acl,
+            posix_acl: AtomicBool::new(false),
             rings: AtomicBool::new(false),
             forget_pause_us: AtomicU64::new(0),
             next_forget_read: parking_lot::Mutex::new(None),

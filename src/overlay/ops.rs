@@ -20,7 +20,7 @@ use super::copy_up::CopyUp;
 use super::dir::{DirEntry, DirLayer, remove_contents, remove_entry};
 use super::inode::Node;
 use super::privs::{self, Caller, Kill};
-use super::{Found, OverlayFs, errno, idmap, is_dir, is_enoent, layer};
+use super::{Found, OverlayFs, acl, errno, idmap, is_dir, is_enoent, layer};
 use crate::sys::{self, SetTime};
 
 /// An open file or directory.
@@ -105,17 +105,21 @@ enum Slot {
 }
 
 /// What the new object is.
+/// The modes are as the caller asked, before its umask (which FUSE_DONT_MASK leaves to us).
 enum Make<'a> {
     File {
         flags: i32,
         mode: u32,
+        umask: u32,
     },
     Dir {
         mode: u32,
+        umask: u32,
     },
     Node {
         mode: u32,
         rdev: u64,
+        umask: u32,
     },
     Symlink {
         target: &'a Path,
@@ -207,10 +211,25 @@ impl OverlayFs {
             _ => None,
         };
         let mk_dir = matches!(make, Make::Dir { .. });
+        // A default ACL in the parent replaces the umask (see `acl`).
+        let inherit = match &make {
+            Make::File { .. } | Make::Dir { .. } | Make::Node { .. }
+                if self.posix_acl.load(Ordering::Relaxed) =>
+            {
+                acl::default_of(pupper.as_fd())?
+            }
+            _ => None,
+        };
+        let masked = |mode: u32, umask: u32| match &inherit {
+            Some(a) => a.create_mode(mode & 0o7777),
+            None => mode & 0o7777 & !umask,
+        };
         let mut final_mode = match &make {
-            Make::File { mode, .. } | Make::Node { mode, .. } => Some(mode & 0o7777),
-            Make::Dir { mode } => {
-                Some(mode & 0o7777 | if setgid_parent { libc::S_ISGID } else { 0 })
+            Make::File { mode, umask, .. } | Make::Node { mode, umask, .. } => {
+                Some(masked(*mode, *umask))
+            }
+            Make::Dir { mode, umask } => {
+                Some(masked(*mode, *umask) | if setgid_parent { libc::S_ISGID } else { 0 })
             }
             Make::Symlink { .. } | Make::Link { .. } => None,
         };
@@ -242,7 +261,7 @@ impl OverlayFs {
                 sys::mkdirat(bdir, &bname, 0o700)?;
                 None
             }
-            Make::Node { mode, rdev } => {
+            Make::Node { mode, rdev, .. } => {
                 sys::mknodat(bdir, &bname, (mode & libc::S_IFMT) | 0o600, *rdev)?;
                 if mode & libc::S_IFMT == libc::S_IFCHR && *rdev == 0 {
                     let fd = sys::openat(bdir, &bname, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
@@ -377,9 +396,7 @@ impl OverlayFs {
         caller: Caller,
     ) -> io::Result<(FileAttr, u64)> {
         let parent = self.dir_node(parent)?;
-        let make = Make::Dir {
-            mode: mode & !umask,
-        };
+        let make = Make::Dir { mode, umask };
         let (attr, id, _) = self.create_obj(&parent, name, make, caller)?;
         Ok((attr, id))
     }
@@ -395,8 +412,9 @@ impl OverlayFs {
     ) -> io::Result<(FileAttr, u64)> {
         let parent = self.dir_node(parent)?;
         let make = Make::Node {
-            mode: (mode & libc::S_IFMT) | (mode & 0o7777 & !umask),
+            mode,
             rdev: u64::from(rdev),
+            umask,
         };
         let (attr, id, _) = self.create_obj(&parent, name, make, caller)?;
         Ok((attr, id))
@@ -470,7 +488,8 @@ impl OverlayFs {
         };
         let make = Make::File {
             flags: real,
-            mode: mode & !umask,
+            mode,
+            umask,
         };
         let (attr, id, fd) = self.create_obj(&parent, name, make, caller)?;
         let fd = fd.ok_or_else(|| errno(libc::EIO))?;
@@ -693,6 +712,7 @@ impl OverlayFs {
             let make = Make::Node {
                 mode: libc::S_IFCHR,
                 rdev: 0,
+                umask: 0,
             };
             let (_, st_ino, _) = self.create_obj(&p, name, make, caller)?;
             // Nobody looked it up: don't keep a kernel reference for it.
