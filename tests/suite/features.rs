@@ -585,3 +585,41 @@ fn read_ahead_kb_sets_the_mounts_readahead() {
         env_value_fails_the_mount(&fx, "STRATAFS_READ_AHEAD_KB", bad);
     }
 }
+
+/// `noacl` (as fuse-overlayfs has it): the kernel checks the mode bits only, and the ACLs stay
+/// plain xattrs that can still be read and set. Without it the ACL below grants the access
+/// (`regression::posix_acls_are_enforced_and_inherited_as_kernel_overlayfs`).
+#[test]
+fn noacl_checks_mode_bits_only_and_keeps_acls_as_xattrs() {
+    use std::process::Command;
+    let mut fx = Fixture::new(1);
+    fx.lower(0).dir_mode("grant", 0o700);
+    let out = Command::new("setfacl")
+        .args(["-m", "u:1000:rwx"])
+        .arg(fx.lower(0).path("grant"))
+        .output()
+        .expect("run setfacl");
+    assert!(out.status.success(), "setfacl: {out:?}");
+    fx.seal();
+    let touch = |m: &Mount| {
+        Command::new("setpriv")
+            .args(["--reuid=1000", "--regid=1000", "--clear-groups", "touch"])
+            .arg(m.path().join("grant/new"))
+            .status()
+            .expect("run setpriv")
+            .success()
+    };
+    let m = fx.mount_stratafs("noacl");
+    assert!(!touch(&m), "noacl: uid 1000 got in through the ACL");
+    let acl = Command::new("getfacl")
+        .args(["-cn"])
+        .arg(m.path().join("grant"))
+        .output()
+        .expect("run getfacl");
+    let text = String::from_utf8_lossy(&acl.stdout);
+    assert!(text.contains("user:1000:rwx"), "noacl hid the ACL: {text}");
+    m.unmount();
+    let m = fx.mount_stratafs("");
+    assert!(touch(&m), "without noacl the ACL grants uid 1000 access");
+    m.unmount();
+}
