@@ -17,6 +17,8 @@ use crate::sys;
 
 /// The default ACL of a directory, where new objects inherit from.
 pub const DEFAULT_XATTR: &str = "system.posix_acl_default";
+/// The access ACL, which the permission checks read.
+pub const ACCESS_XATTR: &str = "system.posix_acl_access";
 
 const VERSION: u32 = 2;
 const USER_OBJ: u16 = 0x01;

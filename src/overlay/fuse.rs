@@ -713,7 +713,7 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -721,7 +721,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match guard(|| self.do_setxattr(ino, name, value, flags)) {
+        match guard(|| self.do_setxattr(ino, name, value, flags, caller(req))) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }

@@ -1466,6 +1466,7 @@ impl OverlayFs {
         name: &OsStr,
         value: &[u8],
         flags: i32,
+        caller: Caller,
     ) -> io::Result<()> {
         if layer::is_private_xattr(name) {
             return Err(errno(libc::EPERM));
@@ -1473,7 +1474,18 @@ impl OverlayFs {
         self.require_upper()?;
         let node = self.node(ino)?;
         let up = self.copy_up(&node, CopyUp::Meta)?;
-        sys::set_xattr(up.as_fd(), name, value, flags)
+        sys::set_xattr(up.as_fd(), name, value, flags)?;
+        if self.posix_acl.load(Ordering::Relaxed) && name == acl::ACCESS_XATTR {
+            // The upper filesystem updated the mode from the ACL as the daemon, which may keep
+            // S_ISGID; the kernel would tell us to drop it only with FUSE_SETXATTR_EXT, which
+            // fuser 0.18 cannot parse. Decide as posix_acl_update_mode would for the caller.
+            let st = sys::fstat(up.as_fd())?;
+            let kill = privs::to_clear(st.st_mode, st.st_gid, Kill::Acl, || caller.creds());
+            if kill != 0 {
+                sys::chmod_fd(up.as_fd(), st.st_mode & 0o7777 & !kill)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> io::Result<()> {

@@ -43,6 +43,9 @@ pub enum Kill {
     Truncate,
     /// A change of owner or group: S_ISUID always goes, S_ISGID as the kernel's chown decides.
     Chown,
+    /// A new access ACL (posix_acl_update_mode), of a directory as well: S_ISGID goes when the
+    /// caller is neither in the group nor holds CAP_FSETID; S_ISUID stays.
+    Acl,
 }
 
 /// What of the caller's credentials the rules need.
@@ -120,8 +123,9 @@ pub fn parse_status(status: &str) -> Creds {
     c
 }
 
-/// The bits of `mode` (a file that is not a directory, group `gid`) that `why` clears for the
-/// caller whose credentials `creds` reads; `creds` runs only when there is a bit to lose.
+/// The bits of `mode` (a file that is not a directory, but for `Kill::Acl`; group `gid`) that
+/// `why` clears for the caller whose credentials `creds` reads; `creds` runs only when there
+/// is a bit to lose.
 pub fn to_clear(mode: u32, gid: u32, why: Kill, creds: impl FnOnce() -> Creds) -> u32 {
     let suid = mode & S_ISUID != 0;
     let sgid = mode & S_ISGID != 0;
@@ -136,6 +140,7 @@ pub fn to_clear(mode: u32, gid: u32, why: Kill, creds: impl FnOnce() -> Creds) -
         // chown_common: S_ISUID always; S_ISGID with group exec, or when the caller is
         // neither in the group nor capable (setattr_should_drop_sgid).
         Kill::Chown => bit(suid, S_ISUID) | bit(sgid && (exec || !(in_group || c.fsetid)), S_ISGID),
+        Kill::Acl => bit(sgid && !(in_group || c.fsetid), S_ISGID),
         Kill::Write if c.fsetid => 0,
         Kill::Truncate if c.fsetid_init => 0,
         // setattr_should_drop_suidgid for a caller without CAP_FSETID.
@@ -186,6 +191,14 @@ mod tests {
         assert_eq!(to_clear(0o2644, 0, Kill::Chown, who(true, &[5])), 0);
         assert_eq!(to_clear(0o2644, 0, Kill::Chown, who(false, &[5])), 0o2000);
         assert_eq!(to_clear(0o2644, 5, Kill::Chown, who(false, &[5])), 0);
+    }
+
+    #[test]
+    fn an_acl_set_by_a_non_member_drops_sgid_only() {
+        assert_eq!(to_clear(0o6775, 5, Kill::Acl, who(false, &[7])), 0o2000);
+        assert_eq!(to_clear(0o6775, 5, Kill::Acl, who(false, &[5])), 0);
+        assert_eq!(to_clear(0o2775, 5, Kill::Acl, who(true, &[7])), 0);
+        assert_eq!(to_clear(0o4755, 5, Kill::Acl, who(false, &[7])), 0);
     }
 
     #[test]

@@ -510,7 +510,8 @@ fn handle(
                 let value = n.rest().get(..size).ok_or_else(inval)?.to_vec();
                 (name, value)
             };
-            fs.do_setxattr(ino, &name, &value, flags).map_err(code)?;
+            fs.do_setxattr(ino, &name, &value, flags, caller)
+                .map_err(code)?;
             Ok(0)
         }
         op::GETXATTR | op::LISTXATTR => {

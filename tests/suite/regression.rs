@@ -1705,7 +1705,7 @@ fn a_link_to_a_copied_up_file_joins_its_node() {
 /// was refused and one that takes it away was ignored, and new objects in a directory with a
 /// default ACL did not inherit it as on ext4. Kernel overlayfs over the same layers is the
 /// oracle: access as uid 1000, inheritance under umask 022, chmod, setfacl and setfacl -x
-/// through the mount.
+/// through the mount, and S_ISGID lost when a non-member of the group sets an ACL.
 #[test]
 fn posix_acls_are_enforced_and_inherited_as_kernel_overlayfs() {
     let build = || {
@@ -1750,7 +1750,12 @@ touch acl/new && chmod 0600 acl/new && setfacl -m u:1000:r acl/new
 t as cat acl/new
 setfacl -x u:1000 acl/open
 t as cat acl/open
-acl acl/deny acl/new acl/open acl/grant acl/grant/u1
+touch acl/sg && chown 1000:100 acl/sg && chmod 2775 acl/sg
+mkdir acl/sgd && chown 1000:100 acl/sgd && chmod 2775 acl/sgd
+t as setfacl -m u:1001:r acl/sg
+t as setfacl -m u:1001:rx acl/sgd
+setfacl -m u:1001:rw acl/sgd
+acl acl/deny acl/new acl/open acl/grant acl/grant/u1 acl/sg acl/sgd
 true
 "##;
     let mut out = Vec::new();
