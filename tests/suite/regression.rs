@@ -757,11 +757,7 @@ fn setgid_directory_gives_its_group_and_bit_as_kernel_overlayfs() {
     let mut results = Vec::new();
     for kernel in [true, false] {
         let fx = build();
-        let m = if kernel {
-            fx.mount_kernel("")
-        } else {
-            fx.mount_stratafs("")
-        };
+        let m = fx.mount_oracle_or_stratafs(kernel);
         sh(root_ops, m.path());
         user(m.path());
         results.push(mode_gid(m.path(), &names));
@@ -1761,11 +1757,7 @@ true
     let mut out = Vec::new();
     for kernel in [true, false] {
         let fx = build();
-        let m = if kernel {
-            fx.mount_kernel("")
-        } else {
-            fx.mount_stratafs("")
-        };
+        let m = fx.mount_oracle_or_stratafs(kernel);
         let run = Command::new("sh")
             .args(["-c", script, "sh"])
             .arg(m.path())

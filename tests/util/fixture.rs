@@ -319,6 +319,15 @@ impl Fixture {
         Mount::kernel(&self.layers(), &self.mnt, extra)
     }
 
+    /// The kernel's overlayfs (the oracle) or stratafs, with no extra options.
+    pub fn mount_oracle_or_stratafs(&self, kernel: bool) -> Mount {
+        if kernel {
+            self.mount_kernel("")
+        } else {
+            self.mount_stratafs("")
+        }
+    }
+
     /// The standard three-lower fixture, sealed. Built identically every time.
     pub fn standard() -> Fixture {
         let mut fx = Fixture::new(3);
