@@ -1744,6 +1744,10 @@ chmod 0640 acl/deny
 t as cat acl/deny
 touch acl/new && chmod 0600 acl/new && setfacl -m u:1000:r acl/new
 t as cat acl/new
+chmod 0600 acl/new
+t as cat acl/new
+chmod 0640 acl/new
+t as cat acl/new
 setfacl -x u:1000 acl/open
 t as cat acl/open
 touch acl/sg && chown 1000:100 acl/sg && chmod 2775 acl/sg
