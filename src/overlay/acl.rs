@@ -68,21 +68,20 @@ impl Inherit {
     /// umask does not apply): each class narrowed by its entry, the group class by the mask
     /// where there is one; S_ISUID, S_ISGID and the sticky bit kept.
     pub fn create_mode(&self, mode: u32) -> u32 {
+        // Each entry's perm is at most 7 (`parse`), so each class stays in its three bits.
         let owner = (mode >> 6) & self.owner;
         let group = (mode >> 3) & self.mask.unwrap_or(self.group);
         let other = mode & self.other;
-        (mode & !0o777) | ((owner & 7) << 6) | ((group & 7) << 3) | (other & 7)
+        (mode & !0o777) | (owner << 6) | (group << 3) | other
     }
 }
 
 /// The default ACL of the directory `dir` (an fd open on it), if it has a valid one.
+/// An upper filesystem without ACLs answers EOPNOTSUPP, which `get_xattr` reads as absent.
 pub fn default_of(dir: BorrowedFd<'_>) -> io::Result<Option<Inherit>> {
-    match sys::get_xattr(dir, OsStr::new(DEFAULT_XATTR)) {
-        Ok(v) => Ok(v.as_deref().and_then(Inherit::parse)),
-        // The upper filesystem keeps no ACLs: nothing is inherited.
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(sys::get_xattr(dir, OsStr::new(DEFAULT_XATTR))?
+        .as_deref()
+        .and_then(Inherit::parse))
 }
 
 #[cfg(test)]
