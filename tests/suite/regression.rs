@@ -1788,3 +1788,99 @@ true
         "stratafs (left) vs kernel overlayfs (right)"
     );
 }
+
+/// Found while weighing lower-file passthrough (stop 15): a read-only fd opened on a lower file
+/// before a copy-up reads the copied-up file after it on kernel overlayfs (6.18: the realfile
+/// follows the copy-up), and so do both fuse-overlayfs builds. stratafs as root kept reading
+/// the lower file: the daemon's fd of the open stayed on it. Runs each case on the kernel,
+/// stratafs with passthrough (root) and without (the writeback cache), and compares.
+#[test]
+fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
+    use std::os::unix::fs::FileExt;
+    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let build = || {
+        let mut fx = Fixture::new(1);
+        let l = fx.lower(0);
+        for f in ["trunc", "pwrite", "cached", "kept", "meta"] {
+            l.file(f, b"old content\n");
+        }
+        l.file("big", &big);
+        fx.seal();
+        fx
+    };
+    let rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p).expect("open rw");
+    let at = |f: &File, off: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        let n = f.read_at(&mut b, off).expect("read old fd");
+        String::from_utf8_lossy(&b[..n]).into_owned()
+    };
+    let cases = |m: &Path| -> Vec<String> {
+        let mut out = Vec::new();
+        // The writer truncates; the reader had not read.
+        let ro = File::open(m.join("trunc")).expect("open ro");
+        let mut w = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.join("trunc"))
+            .expect("open O_TRUNC");
+        w.write_all(b"NEW\n").expect("write");
+        drop(w);
+        out.push(format!("trunc: {:?}", at(&ro, 0, 100)));
+        // An in-place write; the reader had not read.
+        let ro = File::open(m.join("pwrite")).expect("open ro");
+        rw(&m.join("pwrite")).write_all_at(b"NEW", 0).expect("pwrite");
+        out.push(format!("pwrite: {:?}", at(&ro, 0, 100)));
+        // The reader read first (its pages are cached), then the write.
+        let ro = File::open(m.join("cached")).expect("open ro");
+        at(&ro, 0, 100);
+        rw(&m.join("cached")).write_all_at(b"NEW", 0).expect("pwrite");
+        out.push(format!("cached: {:?}", at(&ro, 0, 100)));
+        // The writer stays open across two writes.
+        let ro = File::open(m.join("kept")).expect("open ro");
+        at(&ro, 0, 100);
+        let w = rw(&m.join("kept"));
+        w.write_all_at(b"NEW", 0).expect("pwrite");
+        out.push(format!("kept, mid: {:?}", at(&ro, 0, 100)));
+        w.write_all_at(b"XY", 4).expect("pwrite");
+        drop(w);
+        out.push(format!("kept: {:?}", at(&ro, 0, 100)));
+        // A metadata-only copy-up first (chmod), then the data.
+        let ro = File::open(m.join("meta")).expect("open ro");
+        fs::set_permissions(m.join("meta"), fs::Permissions::from_mode(0o600)).expect("chmod");
+        out.push(format!("meta, chmod: {:?}", at(&ro, 0, 100)));
+        rw(&m.join("meta")).write_all_at(b"NEW", 0).expect("pwrite");
+        out.push(format!("meta: {:?}", at(&ro, 0, 100)));
+        // A big file read whole, written in the middle, its pages dropped, read again.
+        let ro = File::open(m.join("big")).expect("open ro");
+        let mut all = Vec::new();
+        (&ro).read_to_end(&mut all).expect("read big");
+        rw(&m.join("big")).write_all_at(b"MIDDLE", 2 << 20).expect("pwrite");
+        fs::write("/proc/sys/vm/drop_caches", b"1").expect("drop the page cache");
+        out.push(format!("big: {:?}", at(&ro, (2 << 20) - 2, 10).as_bytes()));
+        out
+    };
+    let mut results = Vec::new();
+    for (name, env) in [
+        ("kernel", None),
+        ("stratafs", Some(&[][..])),
+        ("stratafs, no passthrough", Some(&[("STRATAFS_NO_PASSTHROUGH", "1")][..])),
+    ] {
+        let fx = build();
+        let m = match env {
+            None => fx.mount_kernel(""),
+            Some(env) => Mount::stratafs_env(&fx.layers(), &fx.mnt, "", env),
+        };
+        let got = cases(m.path());
+        m.unmount();
+        fx.assert_lowers_unchanged();
+        results.push((name, got));
+    }
+    assert_eq!(
+        results[0].1[0], "trunc: \"NEW\\n\"",
+        "kernel sanity: {:?}",
+        results[0]
+    );
+    for (name, got) in &results[1..] {
+        assert_eq!(got, &results[0].1, "{name} (left) vs kernel overlayfs (right)");
+    }
+}
