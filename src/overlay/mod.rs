@@ -1039,8 +1039,11 @@ impl OverlayFs {
 
     pub fn do_getattr(&self, ino: INodeNo, fh: Option<u64>) -> io::Result<FileAttr> {
         let node = self.node(ino)?;
+        // An open made below the upper file answers for the node as it is now, not for the
+        // object it was opened on.
         if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()))
             && let ops::Handle::File(f) = &*h
+            && f.follow.is_none()
         {
             let st = sys::fstat(f.fd.as_fd())?;
             return Ok(self.attr(&node, &st));

@@ -44,6 +44,44 @@ pub struct FileHandle {
     /// `fd` is the upper file opened read-write with no O_APPEND, O_DIRECT or O_SYNC: fit to be
     /// the inode's passthrough backing as it is.
     pub backing_ready: bool,
+    /// Set when `fd` is data below the upper file (a lower file, the data of a metacopy, an
+    /// index entry): the open then follows a later copy-up.
+    pub follow: Option<Follow>,
+}
+
+/// A read-only open made on data below the upper layer. Once the node's data moves (a copy-up),
+/// the open reads the data where it is now, as kernel overlayfs's file does (its real file
+/// follows the copy-up): a reader that opened a lower file sees what a writer wrote after.
+#[derive(Debug)]
+pub struct Follow {
+    node: Arc<Node>,
+    /// The data object the open was made on (held, so the pointer stays unique).
+    opened_on: Arc<OwnedFd>,
+    /// The flags `fd` was opened with, for the reopen.
+    flags: i32,
+    /// The data object seen last, and the open of it.
+    now: Mutex<Option<(Arc<OwnedFd>, Arc<OwnedFd>)>>,
+}
+
+impl Follow {
+    /// The open of the node's data as it is now, if that moved since the open.
+    fn moved(&self) -> io::Result<Option<Arc<OwnedFd>>> {
+        let Some(data) = self.node.state.read().data().cloned() else {
+            return Ok(None);
+        };
+        if Arc::ptr_eq(&data, &self.opened_on) {
+            return Ok(None);
+        }
+        let mut now = self.now.lock();
+        if let Some((seen, fd)) = &*now
+            && Arc::ptr_eq(seen, &data)
+        {
+            return Ok(Some(fd.clone()));
+        }
+        let fd = Arc::new(sys::reopen(data.as_fd(), self.flags)?);
+        *now = Some((data, fd.clone()));
+        Ok(Some(fd))
+    }
 }
 
 impl Drop for FileHandle {
@@ -501,6 +539,7 @@ impl OverlayFs {
             cached_of: None,
             node: self.table.get(id).map(|n| counted_open(&n)),
             backing_ready,
+            follow: None,
         }));
         let plan = match self.table.get(id) {
             Some(node) if self.passthrough.load(Ordering::Relaxed) => OpenPlan::Passthrough(node),
@@ -1128,7 +1167,10 @@ impl OverlayFs {
     ) -> io::Result<T> {
         let h = self.file(fh)?;
         match &*h {
-            Handle::File(file) => f(file.fd.as_fd()),
+            Handle::File(file) => match file.follow.as_ref().map(Follow::moved).transpose()? {
+                Some(Some(moved)) => f(moved.as_fd()),
+                _ => f(file.fd.as_fd()),
+            },
             Handle::Dir(_) => Err(errno(libc::EISDIR)),
         }
     }
@@ -1166,7 +1208,8 @@ impl OverlayFs {
             let data = s.data().cloned().ok_or_else(|| errno(libc::EIO))?;
             (data, s.upper.is_some() && !s.metacopy)
         };
-        let real = sys::reopen(fd.as_fd(), self.real_open_flags(flags))?;
+        let real_flags = self.real_open_flags(flags);
+        let real = sys::reopen(fd.as_fd(), real_flags)?;
         let is_reg = sys::fstat(real.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFREG;
         let mut counted = false;
         let plan = if !self.passthrough.load(Ordering::Relaxed) || !is_reg {
@@ -1188,6 +1231,12 @@ impl OverlayFs {
             cached_of: counted.then(|| node.clone()),
             node: Some(counted_open(&node)),
             backing_ready: false,
+            follow: (!upper && is_reg).then(|| Follow {
+                node: node.clone(),
+                opened_on: fd,
+                flags: real_flags,
+                now: Mutex::new(None),
+            }),
         }));
         Ok((fh, plan))
     }

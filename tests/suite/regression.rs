@@ -1808,7 +1808,13 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
         fx.seal();
         fx
     };
-    let rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p).expect("open rw");
+    let rw = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("open rw")
+    };
     let at = |f: &File, off: u64, len: usize| {
         let mut b = vec![0u8; len];
         let n = f.read_at(&mut b, off).expect("read old fd");
@@ -1828,12 +1834,16 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
         out.push(format!("trunc: {:?}", at(&ro, 0, 100)));
         // An in-place write; the reader had not read.
         let ro = File::open(m.join("pwrite")).expect("open ro");
-        rw(&m.join("pwrite")).write_all_at(b"NEW", 0).expect("pwrite");
+        rw(&m.join("pwrite"))
+            .write_all_at(b"NEW", 0)
+            .expect("pwrite");
         out.push(format!("pwrite: {:?}", at(&ro, 0, 100)));
         // The reader read first (its pages are cached), then the write.
         let ro = File::open(m.join("cached")).expect("open ro");
         at(&ro, 0, 100);
-        rw(&m.join("cached")).write_all_at(b"NEW", 0).expect("pwrite");
+        rw(&m.join("cached"))
+            .write_all_at(b"NEW", 0)
+            .expect("pwrite");
         out.push(format!("cached: {:?}", at(&ro, 0, 100)));
         // The writer stays open across two writes.
         let ro = File::open(m.join("kept")).expect("open ro");
@@ -1854,7 +1864,9 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
         let ro = File::open(m.join("big")).expect("open ro");
         let mut all = Vec::new();
         (&ro).read_to_end(&mut all).expect("read big");
-        rw(&m.join("big")).write_all_at(b"MIDDLE", 2 << 20).expect("pwrite");
+        rw(&m.join("big"))
+            .write_all_at(b"MIDDLE", 2 << 20)
+            .expect("pwrite");
         fs::write("/proc/sys/vm/drop_caches", b"1").expect("drop the page cache");
         out.push(format!("big: {:?}", at(&ro, (2 << 20) - 2, 10).as_bytes()));
         out
@@ -1863,7 +1875,10 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
     for (name, env) in [
         ("kernel", None),
         ("stratafs", Some(&[][..])),
-        ("stratafs, no passthrough", Some(&[("STRATAFS_NO_PASSTHROUGH", "1")][..])),
+        (
+            "stratafs, no passthrough",
+            Some(&[("STRATAFS_NO_PASSTHROUGH", "1")][..]),
+        ),
     ] {
         let fx = build();
         let m = match env {
@@ -1881,6 +1896,9 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
         results[0]
     );
     for (name, got) in &results[1..] {
-        assert_eq!(got, &results[0].1, "{name} (left) vs kernel overlayfs (right)");
+        assert_eq!(
+            got, &results[0].1,
+            "{name} (left) vs kernel overlayfs (right)"
+        );
     }
 }
