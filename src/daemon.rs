@@ -269,6 +269,7 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
         if let Some(kb) = read_ahead_kb {
             set_read_ahead(maj, min, kb);
         }
+        hold_exit_socket(maj, min);
     }
     if notify {
         println!("ready");
@@ -288,7 +289,68 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
             unmount();
         })?;
     session.run().context("FUSE session failed")?;
+    // `STRATAFS_FAILPOINT=slow-exit:MS`: the daemon outlives its mount by MS milliseconds
+    // (what a daemon still closing many files looks like to `stratafs umount`).
+    if let Some(ms) = crate::overlay::failpoint("slow-exit").and_then(|v| v.to_str()?.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     Ok(())
+}
+
+/// The abstract unix socket a daemon holds for the mount with device `maj:min`, until it exits.
+fn exit_socket(maj: u32, min: u32) -> io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(format!("stratafs/daemon/{maj}:{min}"))
+}
+
+/// Binds the mount's exit socket and leaks it: it closes only when the process ends, which is
+/// what `stratafs umount` waits for. Nothing accepts on it; a connection waits in the backlog
+/// and is reset when the listener goes.
+fn hold_exit_socket(maj: u32, min: u32) {
+    match exit_socket(maj, min).and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a)) {
+        Ok(l) => std::mem::forget(l),
+        Err(e) => tracing::warn!("no exit socket ({e}): `stratafs umount` will not wait for us"),
+    }
+}
+
+/// A connection to the exit socket of the daemon serving a mount, made before unmounting it.
+pub struct DaemonExit(std::os::unix::net::UnixStream);
+
+impl DaemonExit {
+    /// Connects to the exit socket of the stratafs daemon serving `mnt`, if there is one (not
+    /// for another filesystem, a daemon that died, or one in another network namespace).
+    pub fn watch(mnt: &std::path::Path) -> Option<DaemonExit> {
+        let (maj, min) = mount_majmin(mnt)?;
+        let addr = exit_socket(maj, min).ok()?;
+        std::os::unix::net::UnixStream::connect_addr(&addr)
+            .ok()
+            .map(DaemonExit)
+    }
+
+    /// Waits until the daemon has exited (its socket closed), at most `limit`. False: still
+    /// running then.
+    pub fn wait(self, limit: Duration) -> bool {
+        use std::io::Read;
+        let mut s = self.0;
+        if s.set_read_timeout(Some(limit)).is_err() {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// `STRATAFS_READ_AHEAD_KB=N` (4..=65536): the readahead of this mount, which the kernel starts
@@ -317,7 +379,7 @@ fn set_read_ahead(maj: u32, min: u32, kb: u32) {
 }
 
 /// The `major:minor` of the mount at `mnt`, read from /proc/self/mountinfo.
-fn mount_majmin(mnt: &std::path::Path) -> Option<(u32, u32)> {
+pub(crate) fn mount_majmin(mnt: &std::path::Path) -> Option<(u32, u32)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mnt.to_string_lossy();
     let line = info.lines().rev().find(|l| {

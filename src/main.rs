@@ -129,8 +129,28 @@ fn subcommand(argv: &[OsString]) -> Result<()> {
     }
 }
 
+/// Unmounts, then waits (up to 60 s) for the daemon to exit, so that what follows finds the
+/// layers closed. A lazy unmount does not wait: the mount may stay busy for long.
 fn umount(mnt: &Path, lazy: bool) -> Result<()> {
     let abs = std::path::absolute(mnt)?;
+    let watch = if lazy {
+        None
+    } else {
+        daemon::DaemonExit::watch(&abs)
+    };
+    unmount_only(&abs, lazy)?;
+    if let Some(w) = watch
+        && !w.wait(std::time::Duration::from_secs(60))
+    {
+        eprintln!(
+            "stratafs: '{}' is unmounted, but its daemon is still running after 60 s",
+            abs.display()
+        );
+    }
+    Ok(())
+}
+
+fn unmount_only(abs: &Path, lazy: bool) -> Result<()> {
     match sys::umount(abs.as_os_str(), lazy) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -140,7 +160,7 @@ fn umount(mnt: &Path, lazy: bool) -> Result<()> {
             if lazy {
                 cmd.arg("-z");
             }
-            let st = cmd.arg(&abs).status()?;
+            let st = cmd.arg(abs).status()?;
             if st.success() {
                 Ok(())
             } else {

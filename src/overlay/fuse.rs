@@ -128,7 +128,7 @@ pub(super) fn guard<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
 ///   before it were registered;
 /// - `slow-copy-up:NAME`: a copy-up of a file last seen under the name NAME first waits 2 s
 ///   (holding a request of its CPU's queue, as a copy-up of a big file does).
-pub(super) fn failpoint(kind: &str) -> Option<&'static OsStr> {
+pub(crate) fn failpoint(kind: &str) -> Option<&'static OsStr> {
     use std::os::unix::ffi::OsStrExt;
     static FP: std::sync::OnceLock<Option<(String, std::ffi::OsString)>> =
         std::sync::OnceLock::new();

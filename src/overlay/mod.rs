@@ -12,6 +12,7 @@ mod acl;
 mod copy_up;
 mod dir;
 mod fuse;
+pub(crate) use fuse::failpoint;
 pub mod idmap;
 pub mod inode;
 pub mod layer;

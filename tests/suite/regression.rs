@@ -1902,3 +1902,35 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
         );
     }
 }
+
+/// Left open since stop 12: `stratafs umount` returned as soon as the kernel had detached the
+/// mount, while the daemon could still be closing its layers, so a script that went on to
+/// remove or reuse the upper dir raced with it. The daemon here outlives its mount by 1.5 s
+/// (`slow-exit` failpoint); `stratafs umount` must come back only once it has exited.
+#[test]
+fn stratafs_umount_returns_once_the_daemon_has_exited() {
+    use crate::util::mount::{daemon_pids, run_stratafs};
+    let fx = Fixture::new(1);
+    let m = Mount::stratafs_env(
+        &fx.layers(),
+        &fx.mnt,
+        "",
+        &[("STRATAFS_FAILPOINT", "slow-exit:1500")],
+    );
+    assert!(!daemon_pids(&fx.mnt).is_empty(), "no daemon found");
+    let t = std::time::Instant::now();
+    let out = run_stratafs(&["umount".into(), fx.mnt.clone().into_os_string()], None);
+    assert!(out.status.success(), "stratafs umount: {}", out.describe());
+    let alive = daemon_pids(&fx.mnt);
+    m.forget();
+    assert!(
+        alive.is_empty(),
+        "daemon {alive:?} still running when `stratafs umount` returned ({:?})",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1400),
+        "returned after {:?}, before the daemon's slow exit",
+        t.elapsed()
+    );
+}

@@ -125,12 +125,24 @@ fn compact_lowerdirs(options: &[String]) -> Option<(String, String)> {
     (joined.len() < PAGE_SIZE).then(|| (prefix.to_owned(), joined))
 }
 
-/// Unmounts `target`, retrying a few times while it is busy.
+/// Unmounts `target`, retrying a few times while it is busy. A stratafs mount's daemon is
+/// waited for (up to 60 s), so that the snapshot's dirs are closed when this returns.
 pub fn unmount(target: &Path) -> Result<()> {
     let mut delay = std::time::Duration::from_millis(10);
+    let watch = crate::daemon::DaemonExit::watch(target);
     for attempt in 0.. {
         match sys::umount(OsStr::new(target), false) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                if let Some(w) = watch
+                    && !w.wait(std::time::Duration::from_secs(60))
+                {
+                    tracing::warn!(
+                        "{}: the daemon still runs 60 s after unmount",
+                        target.display()
+                    );
+                }
+                return Ok(());
+            }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 8 => {
                 std::thread::sleep(delay);
                 delay *= 2;
