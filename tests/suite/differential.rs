@@ -320,7 +320,13 @@ pub fn run(
         let tail: Vec<&String> = log
             .iter()
             .rev()
-            .take(40)
+            // `STRATAFS_DIFF_TAIL=N`: how many of the last operations to print (default 40).
+            .take(
+                std::env::var("STRATAFS_DIFF_TAIL")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(40),
+            )
             .collect::<Vec<_>>()
             .into_iter()
             .rev()
