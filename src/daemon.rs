@@ -328,12 +328,15 @@ impl DaemonExit {
             .map(DaemonExit)
     }
 
-    /// Waits until the daemon has exited (its socket closed), at most `limit`. False: still
-    /// running then.
-    pub fn wait(self, limit: Duration) -> bool {
+    /// How long an unmounter waits for the daemon to exit.
+    pub const LIMIT: Duration = Duration::from_secs(60);
+
+    /// Waits until the daemon has exited (its socket closed), at most [`Self::LIMIT`]. False:
+    /// still running then.
+    pub fn wait(self) -> bool {
         use std::io::Read;
         let mut s = self.0;
-        if s.set_read_timeout(Some(limit)).is_err() {
+        if s.set_read_timeout(Some(Self::LIMIT)).is_err() {
             return false;
         }
         let mut b = [0u8; 1];

@@ -129,7 +129,7 @@ fn subcommand(argv: &[OsString]) -> Result<()> {
     }
 }
 
-/// Unmounts, then waits (up to 60 s) for the daemon to exit, so that what follows finds the
+/// Unmounts, then waits (up to `DaemonExit::LIMIT`) for the daemon to exit, so that what follows finds the
 /// layers closed. A lazy unmount does not wait: the mount may stay busy for long.
 fn umount(mnt: &Path, lazy: bool) -> Result<()> {
     let abs = std::path::absolute(mnt)?;
@@ -140,11 +140,12 @@ fn umount(mnt: &Path, lazy: bool) -> Result<()> {
     };
     unmount_only(&abs, lazy)?;
     if let Some(w) = watch
-        && !w.wait(std::time::Duration::from_secs(60))
+        && !w.wait()
     {
         eprintln!(
-            "stratafs: '{}' is unmounted, but its daemon is still running after 60 s",
-            abs.display()
+            "stratafs: '{}' is unmounted, but its daemon is still running after {:?}",
+            abs.display(),
+            daemon::DaemonExit::LIMIT
         );
     }
     Ok(())

@@ -126,7 +126,7 @@ fn compact_lowerdirs(options: &[String]) -> Option<(String, String)> {
 }
 
 /// Unmounts `target`, retrying a few times while it is busy. A stratafs mount's daemon is
-/// waited for (up to 60 s), so that the snapshot's dirs are closed when this returns.
+/// waited for (up to `DaemonExit::LIMIT`), so that the snapshot's dirs are closed when this returns.
 pub fn unmount(target: &Path) -> Result<()> {
     let mut delay = std::time::Duration::from_millis(10);
     let watch = crate::daemon::DaemonExit::watch(target);
@@ -134,11 +134,12 @@ pub fn unmount(target: &Path) -> Result<()> {
         match sys::umount(OsStr::new(target), false) {
             Ok(()) => {
                 if let Some(w) = watch
-                    && !w.wait(std::time::Duration::from_secs(60))
+                    && !w.wait()
                 {
                     tracing::warn!(
-                        "{}: the daemon still runs 60 s after unmount",
-                        target.display()
+                        "{}: the daemon still runs {:?} after unmount",
+                        target.display(),
+                        crate::daemon::DaemonExit::LIMIT
                     );
                 }
                 return Ok(());
