@@ -31,6 +31,15 @@ fn op_count() -> usize {
         .unwrap_or(DEFAULT_OPS)
 }
 
+/// How many operations run between two whole-tree comparisons.
+fn check_every() -> usize {
+    std::env::var("STRATAFS_CHECK_EVERY")
+        .ok()
+        .map(|s| s.parse().expect("STRATAFS_CHECK_EVERY must be a number"))
+        .unwrap_or(50)
+        .max(1)
+}
+
 /// Names that exist now (from the kernel's merged view: the oracle decides), split into all
 /// paths and directories.
 struct Pool {
@@ -198,13 +207,16 @@ fn random_run(profile: &Profile, default_seed: u64) {
         "random differential [{}]: seed {seed}, {count} ops",
         profile.name
     );
-    differential::run(profile, &context, true, |d| {
+    let mut done: Vec<Op> = Vec::new();
+    let result = differential::compare(profile, true, |d| {
         let mut rng = StdRng::seed_from_u64(seed);
         let start = Instant::now();
         let mut p = pool(d);
         let mut counter = 0;
+        let every = check_every();
         for i in 0..count {
-            if start.elapsed() > TIME_BUDGET {
+            // A replay that compares often (`STRATAFS_CHECK_EVERY`) runs to the end.
+            if every == 50 && start.elapsed() > TIME_BUDGET {
                 eprintln!("random: time budget reached after {i} ops");
                 break;
             }
@@ -216,16 +228,77 @@ fn random_run(profile: &Profile, default_seed: u64) {
                 continue; // see Profile::hardlink_ops
             }
             d.step(&op);
+            done.push(op);
             if d.stopped {
                 return;
             }
-            // Compare whole trees now and then, so a divergence is found near its cause.
-            if i % 50 == 49 && !d.check_trees(&format!("after op #{i}")) {
+            // Compare whole trees now and then, so a divergence is found near its cause
+            // (`STRATAFS_CHECK_EVERY=1` while replaying a failure finds the very op).
+            if i % every == every - 1 && !d.check_trees(&format!("after op #{i}")) {
                 d.stopped = true;
                 return;
             }
         }
     });
+    let Err(report) = result else { return };
+    if std::env::var_os("STRATAFS_MINIMIZE").is_some() {
+        let small = minimize(profile, done);
+        eprintln!(
+            "random differential [{}], seed {seed}: a failing sequence of {} operation(s):\n{}",
+            profile.name,
+            small.len(),
+            small
+                .iter()
+                .map(|op| format!("    {op}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    panic!("differential [{}] {context}: {report}", profile.name);
+}
+
+/// `STRATAFS_MINIMIZE=1`: shrinks a failing sequence by delta debugging (drop a chunk, keep
+/// the rest if it still fails, halve the chunks when none can go), replaying each candidate
+/// on fresh fixtures. Any difference counts as failing, so the result may show another
+/// difference than the full run: each is a real one.
+fn minimize(profile: &Profile, mut ops: Vec<Op>) -> Vec<Op> {
+    let fails = |ops: &[Op]| {
+        differential::compare(profile, true, |d| {
+            for op in ops {
+                d.step(op);
+                if d.stopped {
+                    return;
+                }
+            }
+        })
+        .is_err()
+    };
+    let mut chunks = 2;
+    while ops.len() >= 2 {
+        let size = ops.len().div_ceil(chunks);
+        let mut shrunk = false;
+        for start in (0..ops.len()).step_by(size) {
+            let rest: Vec<Op> = ops[..start]
+                .iter()
+                .chain(&ops[(start + size).min(ops.len())..])
+                .cloned()
+                .collect();
+            if fails(&rest) {
+                eprintln!("minimize: {} -> {} operations", ops.len(), rest.len());
+                ops = rest;
+                chunks = (chunks - 1).max(2);
+                shrunk = true;
+                break;
+            }
+        }
+        if !shrunk {
+            if chunks >= ops.len() {
+                break;
+            }
+            chunks = (chunks * 2).min(ops.len());
+        }
+    }
+    ops
 }
 
 #[test]
