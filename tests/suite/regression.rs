@@ -1934,3 +1934,16 @@ fn stratafs_umount_returns_once_the_daemon_has_exited() {
         t.elapsed()
     );
 }
+
+/// Found by the random differential (native, seed 111, minimized): `pwrite hl1` (a data
+/// copy-up of an indexed lower hard link) then `unlink hl1` left the other names, hl2 and
+/// hl_dir/hl3, with nlink 1; the kernel (and ext4) say 2.
+#[test]
+fn unlinking_a_copied_up_hard_link_keeps_the_count_of_the_others() {
+    use super::differential::{self, NATIVE};
+    use crate::util::ops::Op;
+    differential::run(&NATIVE, "pwrite + unlink of a hard link", false, |d| {
+        d.step(&Op::write("hl1", Some(45_370), &[0x5a; 4096]));
+        d.step(&Op::Unlink { path: "hl1".into() });
+    });
+}
