@@ -612,7 +612,9 @@ impl OverlayFs {
             // The node keeps its fd of the removed inode until the kernel forgets it: that
             // fd keeps the inode number from being reused while the kernel may still use it
             // as this node's id (two objects on one FUSE inode confuse the kernel).
-            node.state.write().drop_name(parent.st_ino, name);
+            let mut s = node.state.write();
+            s.drop_name(parent.st_ino, name);
+            index_only_now(&mut s, counted.as_ref());
         }
         self.table.past_moved(st_ino, None);
         Ok(())
@@ -845,6 +847,8 @@ impl OverlayFs {
         } else if src_dir && !src.opaque && (dst_lower || np_merged) {
             self.set_opaque(src_up.as_fd())?;
         }
+        // The replaced destination's inode, when it is an indexed hard link.
+        let mut dst_counted = None;
         if exchange {
             let d = dst.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
             let dst_up = self.copy_up_found(&np, newname, d)?;
@@ -883,7 +887,7 @@ impl OverlayFs {
                 Ok(_) => upper_occupied = true,
                 Err(_) => {}
             }
-            let dst_counted = match &dst {
+            dst_counted = match &dst {
                 Some(d) if !is_dir(d.top_stat()) => self.counted_inode(&np, d)?,
                 _ => None,
             };
@@ -928,6 +932,7 @@ impl OverlayFs {
                 s.move_name((np.st_ino, newname), (&p, name));
             } else {
                 s.drop_name(np.st_ino, newname);
+                index_only_now(&mut s, dst_counted.as_ref());
             }
         }
         Ok(())
@@ -1580,5 +1585,24 @@ impl OverlayFs {
             return Err(errno(libc::EACCES));
         }
         Ok(())
+    }
+}
+
+/// After a name of an indexed hard link (`counted`, its inode) left the upper layer: when the
+/// index entry is the inode's only link left and the merged view still has names of it (all
+/// below), the node reaches the inode through the index, as a fresh lookup of those names
+/// does. Its merged link count is then read from there; with the removed upper name kept
+/// as `upper`, the node looked like an unlinked plain copy (st_nlink 1).
+fn index_only_now(s: &mut super::inode::NodeState, counted: Option<&Arc<OwnedFd>>) {
+    let Some(fd) = counted else { return };
+    if s.unlinked || s.index.is_some() {
+        return;
+    }
+    let Some(up) = &s.upper else { return };
+    let (Ok(a), Ok(b)) = (sys::fstat(up.as_fd()), sys::fstat(fd.as_fd())) else {
+        return;
+    };
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) && b.st_nlink == 1 {
+        s.index = s.upper.take();
     }
 }
