@@ -1946,4 +1946,13 @@ fn unlinking_a_copied_up_hard_link_keeps_the_count_of_the_others() {
         d.step(&Op::write("hl1", Some(45_370), &[0x5a; 4096]));
         d.step(&Op::Unlink { path: "hl1".into() });
     });
+    // The same when a rename replaces the copied-up name.
+    differential::run(&NATIVE, "pwrite + rename over a hard link", false, |d| {
+        d.step(&Op::write("hl1", Some(45_370), &[0x5a; 4096]));
+        d.step(&Op::Create {
+            path: "new".into(),
+            data: b"new\n".to_vec(),
+        });
+        d.step(&Op::rename("new", "hl1"));
+    });
 }
