@@ -467,7 +467,26 @@ pub fn diff(a_name: &str, a: &Tree, b_name: &str, b: &Tree, cmp: Cmp) -> Vec<Str
                     format!("{:?}", x.xattrs),
                     format!("{:?}", y.xattrs),
                 );
-                if cmp.nlink && !whiteout {
+                // nlink 1 on a directory means "not counted" (find(1) knows): the kernel says
+                // so for every merged directory. The other side may instead give the true
+                // count (2 + its subdirectories), as ext4 does: stratafs for a directory
+                // that stayed lower-only where the kernel copied it up as the parent of a
+                // hard link's name (see `Profile::upper_hardlinks`).
+                let counted = |t: &Tree, n: u64| {
+                    let subdirs = t
+                        .entries
+                        .iter()
+                        .filter(|(p, e)| {
+                            e.kind == Kind::Dir && !p.is_empty() && parent_of(p) == **k
+                        })
+                        .count() as u64;
+                    n == 2 + subdirs
+                };
+                let uncounted = x.kind == Kind::Dir
+                    && y.kind == Kind::Dir
+                    && ((x.nlink == 1 && counted(b, y.nlink))
+                        || (y.nlink == 1 && counted(a, x.nlink)));
+                if cmp.nlink && !whiteout && !uncounted {
                     f("nlink", x.nlink.to_string(), y.nlink.to_string());
                 }
                 if cmp.links && !whiteout {
