@@ -937,6 +937,7 @@ fn kernel_only_traces_in_the_upper_layer_match() {
                 path: s("hl_dir/hl3"),
                 len: 10,
             });
+            d.step(&Op::Stat { path: s("hl_dir") });
         },
     );
     // redirect_dir=on: the kernel copies the source up, then finds the target not empty.
