@@ -129,8 +129,9 @@ fn subcommand(argv: &[OsString]) -> Result<()> {
     }
 }
 
-/// Unmounts, then waits (up to `DaemonExit::LIMIT`) for the daemon to exit, so that what follows finds the
-/// layers closed. A lazy unmount does not wait: the mount may stay busy for long.
+/// Unmounts, then waits (up to `DaemonExit::LIMIT`) for the daemon to exit, so that what
+/// follows finds the layers closed. A lazy unmount does not wait: the mount may stay busy
+/// for long.
 fn umount(mnt: &Path, lazy: bool) -> Result<()> {
     let abs = std::path::absolute(mnt)?;
     let watch = if lazy {

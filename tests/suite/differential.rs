@@ -424,6 +424,13 @@ pub fn compare(
     Ok(())
 }
 
+/// What the topmost lower layer that has an entry at `p` holds there.
+fn topmost_lower(fx: &Fixture, p: &str) -> Option<std::fs::Metadata> {
+    fx.lowers
+        .iter()
+        .find_map(|l| std::fs::symlink_metadata(l.join(p)).ok())
+}
+
 /// Drops from the kernel's upper tree the directories stratafs's upper does not have and
 /// that are plain copies of their lower directory: nothing below them is left in the upper
 /// tree, no xattr is on them (bookkeeping ones are not in the snapshot), and mode, owner
@@ -449,11 +456,7 @@ fn drop_plain_copies(ku: &mut Tree, su: &Tree, fx: &Fixture, dirty: &Dirty) {
         if !e.xattrs.is_empty() || ku.entries.keys().any(|k| k.starts_with(&prefix)) {
             continue;
         }
-        let lower = fx
-            .lowers
-            .iter()
-            .find_map(|l| std::fs::symlink_metadata(l.join(&p)).ok());
-        let plain = lower.is_some_and(|m| {
+        let plain = topmost_lower(fx, &p).is_some_and(|m| {
             m.is_dir()
                 && m.mode() & 0o7777 == e.mode
                 && (m.uid(), m.gid()) == (e.uid, e.gid)
@@ -487,10 +490,7 @@ fn drop_idle_opaque(kernel_upper: &mut Tree, stratafs_upper: &Tree, fk: &Fixture
         if ours.kind != tree::Kind::Dir || ours.xattrs.contains_key(OPAQUE) {
             continue;
         }
-        let in_lower = fk
-            .lowers
-            .iter()
-            .any(|l| std::fs::symlink_metadata(l.join(p)).is_ok());
+        let in_lower = topmost_lower(fk, p).is_some();
         let redirected = std::path::Path::new(p.as_str())
             .ancestors()
             .filter(|a| !a.as_os_str().is_empty())

@@ -31,13 +31,16 @@ fn op_count() -> usize {
         .unwrap_or(DEFAULT_OPS)
 }
 
-/// How many operations run between two whole-tree comparisons.
-fn check_every() -> usize {
-    std::env::var("STRATAFS_CHECK_EVERY")
-        .ok()
-        .map(|s| s.parse().expect("STRATAFS_CHECK_EVERY must be a number"))
-        .unwrap_or(50)
-        .max(1)
+/// Operations between two whole-tree comparisons, unless `STRATAFS_CHECK_EVERY` says.
+const DEFAULT_CHECK_EVERY: usize = 50;
+
+/// `STRATAFS_CHECK_EVERY`, when set: a replay that compares that often.
+fn check_every() -> Option<usize> {
+    std::env::var("STRATAFS_CHECK_EVERY").ok().map(|s| {
+        s.parse::<usize>()
+            .expect("STRATAFS_CHECK_EVERY must be a number")
+            .max(1)
+    })
 }
 
 /// Names that exist now (from the kernel's merged view: the oracle decides), split into all
@@ -213,10 +216,11 @@ fn random_run(profile: &Profile, default_seed: u64) {
         let start = Instant::now();
         let mut p = pool(d);
         let mut counter = 0;
-        let every = check_every();
+        let replay = check_every();
+        let every = replay.unwrap_or(DEFAULT_CHECK_EVERY);
         for i in 0..count {
             // A replay that compares often (`STRATAFS_CHECK_EVERY`) runs to the end.
-            if every == 50 && start.elapsed() > TIME_BUDGET {
+            if replay.is_none() && start.elapsed() > TIME_BUDGET {
                 eprintln!("random: time budget reached after {i} ops");
                 break;
             }

@@ -126,7 +126,8 @@ fn compact_lowerdirs(options: &[String]) -> Option<(String, String)> {
 }
 
 /// Unmounts `target`, retrying a few times while it is busy. A stratafs mount's daemon is
-/// waited for (up to `DaemonExit::LIMIT`), so that the snapshot's dirs are closed when this returns.
+/// waited for (up to `DaemonExit::LIMIT`), so that the snapshot's dirs are closed when this
+/// returns.
 pub fn unmount(target: &Path) -> Result<()> {
     let mut delay = std::time::Duration::from_millis(10);
     let watch = crate::daemon::DaemonExit::watch(target);
