@@ -298,59 +298,94 @@ fn serve(plan: &MountPlan, mode: RunMode, notify: bool) -> Result<()> {
     Ok(())
 }
 
-/// The abstract unix socket a daemon holds for the mount with device `maj:min`, until it exits.
-fn exit_socket(maj: u32, min: u32) -> io::Result<std::os::unix::net::SocketAddr> {
+/// How many exit sockets a device number has. The kernel gives a freed minor to the next mount
+/// at once, while the daemon of the earlier mount may still be closing its layers and holding
+/// the first name; the new daemon then takes the next free slot.
+const EXIT_SLOTS: u32 = 8;
+
+/// The abstract unix socket in `slot` for the mount with device `maj:min`.
+fn exit_socket(maj: u32, min: u32, slot: u32) -> io::Result<std::os::unix::net::SocketAddr> {
     use std::os::linux::net::SocketAddrExt;
-    std::os::unix::net::SocketAddr::from_abstract_name(format!("stratafs/daemon/{maj}:{min}"))
+    let name = match slot {
+        0 => format!("stratafs/daemon/{maj}:{min}"),
+        k => format!("stratafs/daemon/{maj}:{min}.{k}"),
+    };
+    std::os::unix::net::SocketAddr::from_abstract_name(name)
 }
 
-/// Binds the mount's exit socket and leaks it: it closes only when the process ends, which is
-/// what `stratafs umount` waits for. Nothing accepts on it; a connection waits in the backlog
-/// and is reset when the listener goes.
+/// Binds the first free exit socket of the mount and leaks it: it closes only when the process
+/// ends, which is what `stratafs umount` waits for. Nothing accepts on it; a connection waits in
+/// the backlog and is reset when the listener goes.
 fn hold_exit_socket(maj: u32, min: u32) {
-    match exit_socket(maj, min).and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a)) {
-        Ok(l) => std::mem::forget(l),
-        Err(e) => tracing::warn!("no exit socket ({e}): `stratafs umount` will not wait for us"),
+    let mut last = None;
+    for slot in 0..EXIT_SLOTS {
+        match exit_socket(maj, min, slot)
+            .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+        {
+            Ok(l) => {
+                std::mem::forget(l);
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = last {
+        tracing::warn!("no exit socket ({e}): `stratafs umount` will not wait for us");
     }
 }
 
-/// A connection to the exit socket of the daemon serving a mount, made before unmounting it.
-pub struct DaemonExit(std::os::unix::net::UnixStream);
+/// Connections to the exit sockets of a mount's device, made before unmounting it: the daemon
+/// serving it, and any earlier daemon of a mount with the same device number that is still
+/// exiting. Waiting for those too is conservative: they are on their way out.
+pub struct DaemonExit(Vec<std::os::unix::net::UnixStream>);
 
 impl DaemonExit {
-    /// Connects to the exit socket of the stratafs daemon serving `mnt`, if there is one (not
+    /// Connects to the exit sockets of the stratafs daemon serving `mnt`, if there is one (not
     /// for another filesystem, a daemon that died, or one in another network namespace).
     pub fn watch(mnt: &std::path::Path) -> Option<DaemonExit> {
         let (maj, min) = mount_majmin(mnt)?;
-        let addr = exit_socket(maj, min).ok()?;
-        std::os::unix::net::UnixStream::connect_addr(&addr)
-            .ok()
-            .map(DaemonExit)
+        let conns: Vec<_> = (0..EXIT_SLOTS)
+            .filter_map(|slot| {
+                let addr = exit_socket(maj, min, slot).ok()?;
+                std::os::unix::net::UnixStream::connect_addr(&addr).ok()
+            })
+            .collect();
+        (!conns.is_empty()).then_some(DaemonExit(conns))
     }
 
     /// How long an unmounter waits for the daemon to exit.
     pub const LIMIT: Duration = Duration::from_secs(60);
 
-    /// Waits until the daemon has exited (its socket closed), at most [`Self::LIMIT`]. False:
-    /// still running then.
+    /// Waits until every watched daemon has exited (its socket closed), at most
+    /// [`Self::LIMIT`] in all. False: one still runs then.
     pub fn wait(self) -> bool {
-        use std::io::Read;
-        let mut s = self.0;
-        if s.set_read_timeout(Some(Self::LIMIT)).is_err() {
+        let deadline = std::time::Instant::now() + Self::LIMIT;
+        self.0.into_iter().all(|s| closed_by(s, deadline))
+    }
+}
+
+/// Reads `s` until its peer has gone (EOF or reset) or `deadline` passes (false).
+fn closed_by(mut s: std::os::unix::net::UnixStream, deadline: std::time::Instant) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
             return false;
         }
-        let mut b = [0u8; 1];
-        loop {
-            match s.read(&mut b) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return !matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    );
-                }
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                );
             }
         }
     }

@@ -1956,3 +1956,67 @@ fn unlinking_a_copied_up_hard_link_keeps_the_count_of_the_others() {
         d.step(&Op::rename("new", "hl1"));
     });
 }
+
+/// Found on a fresh-clone CI run: `stratafs umount` came back after 6 ms with its daemon still
+/// running. The exit socket was named by the mount's device number alone, and the kernel hands
+/// a freed minor to the next mount at once: an earlier daemon, its mount gone but still
+/// closing its layers, held the name, the new daemon could not bind it, and the unmounter
+/// waited on the old one. Here daemon A (exits 1 s after its mount) holds the name when B
+/// (exits 3 s after its mount) gets the same minor.
+#[test]
+fn stratafs_umount_waits_for_its_own_daemon_when_an_earlier_one_had_the_same_minor() {
+    use crate::util::mount::{daemon_pids, mount_info, run_cmd, run_stratafs};
+    let fa = Fixture::new(1);
+    let fb = Fixture::new(1);
+    let pa = std::fs::canonicalize(&fa.mnt).expect("mountpoint");
+    let pb = std::fs::canonicalize(&fb.mnt).expect("mountpoint");
+    let mut reused = false;
+    for _attempt in 0..20 {
+        let a = Mount::stratafs_env(
+            &fa.layers(),
+            &fa.mnt,
+            "",
+            &[("STRATAFS_FAILPOINT", "slow-exit:1000")],
+        );
+        let dev_a = mount_info(&pa).expect("A mounted").major_minor;
+        // A plain umount: the kernel frees the minor while daemon A is still running.
+        let out = run_cmd("umount", &[pa.as_os_str()], None);
+        assert!(out.status.success(), "umount A: {}", out.describe());
+        a.forget();
+        let b = Mount::stratafs_env(
+            &fb.layers(),
+            &fb.mnt,
+            "",
+            &[("STRATAFS_FAILPOINT", "slow-exit:3000")],
+        );
+        let dev_b = mount_info(&pb).expect("B mounted").major_minor;
+        let t = std::time::Instant::now();
+        let out = run_stratafs(&["umount".into(), pb.clone().into_os_string()], None);
+        assert!(
+            out.status.success(),
+            "stratafs umount B: {}",
+            out.describe()
+        );
+        let alive = daemon_pids(&pb);
+        b.forget();
+        if dev_a != dev_b {
+            // Another test took A's minor first; wait for A and try again.
+            while !daemon_pids(&pa).is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            continue;
+        }
+        reused = true;
+        assert!(
+            alive.is_empty(),
+            "daemon B {alive:?} still running when `stratafs umount` returned after {:?} \
+             (A and B both had device {dev_a})",
+            t.elapsed()
+        );
+        break;
+    }
+    assert!(reused, "B never got A's minor in 20 attempts");
+    while !daemon_pids(&pa).is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
