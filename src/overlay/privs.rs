@@ -11,10 +11,10 @@
 //!
 //! The caller's credentials come from `/proc/PID/status` and `/proc/PID/ns/user`, read only
 //! when the file has a bit to lose; when they cannot be read the caller counts as
-//! unprivileged (the bit goes). Which namespace a CAP_FSETID must be held in follows kernel
-//! overlayfs as measured (tests `suid_sgid_and_caps_are_killed_as_kernel_overlayfs_does` and
-//! `userns_suid_sgid_are_killed_as_kernel_overlayfs_does`): the mount's for a write, the
-//! initial one for a truncate.
+//! unprivileged (the bit goes). A write or truncate keeps the bits only for CAP_FSETID in the
+//! initial user namespace (`capable()` in the VFS), as kernel overlayfs and ext4 do, measured
+//! by `suid_sgid_and_caps_are_killed_as_kernel_overlayfs_does` and
+//! `userns_suid_sgid_are_killed_as_kernel_overlayfs_does`.
 
 use std::fs;
 use std::sync::OnceLock;
@@ -36,7 +36,8 @@ pub struct Caller {
 pub enum Kill {
     /// A write the kernel flagged (FUSE_WRITE_KILL_SUIDGID): the caller lacks CAP_FSETID.
     Flagged,
-    /// A write: nothing goes when the caller holds CAP_FSETID in the mount's user namespace.
+    /// A write (the kernel's bare SETATTR before a passthrough write): nothing goes only for
+    /// CAP_FSETID in the initial user namespace.
     Write,
     /// A truncate or an open with O_TRUNC: nothing goes only for CAP_FSETID in the initial
     /// user namespace (root of any child namespace loses the bits, as on kernel overlayfs).
@@ -141,8 +142,7 @@ pub fn to_clear(mode: u32, gid: u32, why: Kill, creds: impl FnOnce() -> Creds) -
         // neither in the group nor capable (setattr_should_drop_sgid).
         Kill::Chown => bit(suid, S_ISUID) | bit(sgid && (exec || !(in_group || c.fsetid)), S_ISGID),
         Kill::Acl => bit(sgid && !(in_group || c.fsetid), S_ISGID),
-        Kill::Write if c.fsetid => 0,
-        Kill::Truncate if c.fsetid_init => 0,
+        Kill::Write | Kill::Truncate if c.fsetid_init => 0,
         // setattr_should_drop_suidgid for a caller without CAP_FSETID.
         Kill::Write | Kill::Truncate | Kill::Flagged => {
             bit(suid, S_ISUID) | bit(sgid && (exec || !in_group), S_ISGID)
@@ -173,13 +173,13 @@ mod tests {
         assert_eq!(to_clear(0o2644, 9, Kill::Write, who(false, &[9])), 0);
         assert_eq!(to_clear(0o2644, 9, Kill::Write, who(false, &[8])), 0o2000);
         assert_eq!(to_clear(0o6644, 9, Kill::Write, who(false, &[9])), 0o4000);
-        // root of a child namespace: keeps them on a write, loses them on a truncate
+        // root of a child namespace loses them on a write and on a truncate
         let ns_root = || Creds {
             fsetid: true,
             fsetid_init: false,
             groups: vec![0],
         };
-        assert_eq!(to_clear(0o6755, 0, Kill::Write, ns_root), 0);
+        assert_eq!(to_clear(0o6755, 0, Kill::Write, ns_root), 0o6000);
         assert_eq!(to_clear(0o6755, 0, Kill::Truncate, ns_root), 0o6000);
         // the kernel's flag means "not capable", whatever /proc says
         assert_eq!(to_clear(0o4755, 0, Kill::Flagged, who(true, &[0])), 0o4000);
