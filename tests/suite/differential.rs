@@ -187,9 +187,22 @@ impl Driver {
                 if a {
                     self.family.insert(to.clone());
                 }
-                if *flags & RENAME_EXCHANGE != 0 && b {
+                let exchange = *flags & RENAME_EXCHANGE != 0;
+                if exchange && b {
                     self.family.insert(from.clone());
                 }
+                // Names below a renamed directory move with it.
+                let moved = |f: &std::collections::BTreeSet<String>, src: &str, dst: &str| {
+                    let prefix = format!("{src}/");
+                    f.iter()
+                        .filter_map(|m| m.strip_prefix(&prefix).map(|rest| format!("{dst}/{rest}")))
+                        .collect::<Vec<_>>()
+                };
+                let mut add = moved(&self.family, from, to);
+                if exchange {
+                    add.extend(moved(&self.family, to, from));
+                }
+                self.family.extend(add);
             }
             _ => {}
         }
