@@ -346,12 +346,17 @@ pub struct DaemonExit(Vec<std::os::unix::net::UnixStream>);
 impl DaemonExit {
     /// Connects to the exit sockets of the stratafs daemon serving `mnt`, if there is one (not
     /// for another filesystem, a daemon that died, or one in another network namespace).
+    /// Only sockets held by root or by the mount's owner (`user_id=`) count: another user
+    /// squatting a name cannot make an unmount wait.
     pub fn watch(mnt: &std::path::Path) -> Option<DaemonExit> {
         let (maj, min) = mount_majmin(mnt)?;
+        let owner = mount_owner(mnt);
         let conns: Vec<_> = (0..EXIT_SLOTS)
             .filter_map(|slot| {
                 let addr = exit_socket(maj, min, slot).ok()?;
-                std::os::unix::net::UnixStream::connect_addr(&addr).ok()
+                let s = std::os::unix::net::UnixStream::connect_addr(&addr).ok()?;
+                let uid = sys::peer_uid(s.as_fd()).ok()?;
+                (uid == 0 || Some(uid) == owner).then_some(s)
             })
             .collect();
         (!conns.is_empty()).then_some(DaemonExit(conns))
@@ -373,8 +378,11 @@ fn closed_by(mut s: std::os::unix::net::UnixStream, deadline: std::time::Instant
     use std::io::Read;
     let mut b = [0u8; 1];
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+        // Past the deadline, one last look that does not wait: a peer gone just then counts.
+        let left = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1));
+        if s.set_read_timeout(Some(left)).is_err() {
             return false;
         }
         match s.read(&mut b) {
@@ -414,6 +422,22 @@ fn set_read_ahead(maj: u32, min: u32, kb: u32) {
     if let Err(e) = std::fs::write(&path, format!("{kb}\n")) {
         tracing::warn!("readahead stays at the kernel's ({path}: {e})");
     }
+}
+
+/// The `user_id=` of the FUSE mount at `mnt` (the uid that mounted it), from mountinfo.
+fn mount_owner(mnt: &std::path::Path) -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_string_lossy();
+    let line = info.lines().rev().find(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| crate::options::unescape_mountinfo(m) == want)
+    })?;
+    let (_, post) = line.split_once(" - ")?;
+    post.split(' ')
+        .nth(2)?
+        .split(',')
+        .find_map(|o| o.strip_prefix("user_id=")?.parse().ok())
 }
 
 /// The `major:minor` of the mount at `mnt`, read from /proc/self/mountinfo.

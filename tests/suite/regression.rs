@@ -1970,6 +1970,18 @@ fn stratafs_umount_waits_for_its_own_daemon_when_an_earlier_one_had_the_same_min
     let fb = Fixture::new(1);
     let pa = std::fs::canonicalize(&fa.mnt).expect("mountpoint");
     let pb = std::fs::canonicalize(&fb.mnt).expect("mountpoint");
+    // Waits (at most 10 s) for the daemon of the mount at `mnt` to exit.
+    let gone = |mnt: &std::path::Path| {
+        let t = std::time::Instant::now();
+        while !daemon_pids(mnt).is_empty() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "the daemon of {} still runs 10 s after its unmount",
+                mnt.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
     let mut reused = false;
     for _attempt in 0..20 {
         let a = Mount::stratafs_env(
@@ -2001,9 +2013,7 @@ fn stratafs_umount_waits_for_its_own_daemon_when_an_earlier_one_had_the_same_min
         b.forget();
         if dev_a != dev_b {
             // Another test took A's minor first; wait for A and try again.
-            while !daemon_pids(&pa).is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            gone(&pa);
             continue;
         }
         reused = true;
@@ -2016,9 +2026,7 @@ fn stratafs_umount_waits_for_its_own_daemon_when_an_earlier_one_had_the_same_min
         break;
     }
     assert!(reused, "B never got A's minor in 20 attempts");
-    while !daemon_pids(&pa).is_empty() {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    gone(&pa);
 }
 
 /// Found by the random differential (native, seed 223, minimized from 400 ops to 7): the
@@ -2047,4 +2055,58 @@ fn hard_links_are_followed_through_a_rename_of_their_directory() {
         d.step(&Op::rename("hl2", "l1only/r89"));
         d.step(&Op::rename_flags("l1only", "empty_dir/r3", EXCHANGE));
     });
+}
+
+/// Raised by review: an exit socket name squatted by another user (any local user can bind an
+/// abstract name) must not make `stratafs umount` wait for it; it still waits for the daemon.
+#[test]
+fn stratafs_umount_ignores_an_exit_socket_held_by_another_user() {
+    use crate::util::mount::{daemon_pids, mount_info, run_stratafs};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let fx = Fixture::new(1);
+    let m = Mount::stratafs_env(
+        &fx.layers(),
+        &fx.mnt,
+        "",
+        &[("STRATAFS_FAILPOINT", "slow-exit:1500")],
+    );
+    let mnt = std::fs::canonicalize(&fx.mnt).expect("mountpoint");
+    let dev = mount_info(&mnt).expect("mounted").major_minor;
+    // The daemon holds slot 0; user 65534 takes slot 1 and keeps it until told to let go.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let squatter = std::thread::spawn(move || {
+        let held = crate::util::sys::thread_setresuid(65534).and_then(|()| {
+            let addr = SocketAddr::from_abstract_name(format!("stratafs/daemon/{dev}.1"))?;
+            UnixListener::bind_addr(&addr)
+        });
+        let report = held.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        let ok = report.is_ok();
+        ready_tx.send(report).unwrap();
+        if ok {
+            let _ = done_rx.recv_timeout(std::time::Duration::from_secs(120));
+        }
+        drop(held);
+    });
+    ready_rx
+        .recv()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("squatter: {e}"));
+    let t = std::time::Instant::now();
+    let out = run_stratafs(&["umount".into(), mnt.clone().into_os_string()], None);
+    let took = t.elapsed();
+    let alive = daemon_pids(&mnt);
+    m.forget();
+    let _ = done_tx.send(());
+    squatter.join().unwrap();
+    assert!(out.status.success(), "stratafs umount: {}", out.describe());
+    assert!(
+        alive.is_empty(),
+        "daemon {alive:?} still running after {took:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "umount waited {took:?}: it waited for the other user's socket"
+    );
 }

@@ -322,3 +322,16 @@ pub fn open_by_handle(mount_fd: &File, h: &FileHandle, flags: i32) -> io::Result
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
+
+/// Sets the real, effective and saved uid of the calling thread only (the raw syscall, not
+/// libc's wrapper, which changes every thread of the process). Cannot be undone when giving
+/// up root: use it on a thread of its own.
+pub fn thread_setresuid(uid: u32) -> io::Result<()> {
+    // SAFETY: setresuid takes three plain integers; on failure nothing changed.
+    let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
