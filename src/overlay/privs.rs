@@ -79,8 +79,8 @@ impl Caller {
         if !c.groups.contains(&self.gid) {
             c.groups.push(self.gid);
         }
-        // The capability counts in the namespace the mount belongs to, ours: root of a child
-        // namespace writing to a host mount loses the bits, as on kernel overlayfs.
+        // For a chown and a new ACL the capability counts in the namespace the mount belongs
+        // to, ours; a write or truncate needs it in the initial one (`fsetid_init`).
         if c.fsetid {
             let theirs = fs::read_link(format!("/proc/{}/ns/user", self.pid)).ok();
             c.fsetid = theirs.is_some() && theirs == *own_userns();

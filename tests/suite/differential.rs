@@ -182,27 +182,41 @@ impl Driver {
             Op::Link { from, to } if is(&self.family, from) => {
                 self.family.insert(to.clone());
             }
+            Op::Unlink { path } => {
+                self.family.remove(path);
+            }
             Op::Rename { from, to, flags } => {
                 let (a, b) = (is(&self.family, from), is(&self.family, to));
-                if a {
-                    self.family.insert(to.clone());
-                }
                 let exchange = *flags & RENAME_EXCHANGE != 0;
-                if exchange && b {
-                    self.family.insert(from.clone());
-                }
-                // Names below a renamed directory move with it.
-                let moved = |f: &std::collections::BTreeSet<String>, src: &str, dst: &str| {
-                    let prefix = format!("{src}/");
-                    f.iter()
-                        .filter_map(|m| m.strip_prefix(&prefix).map(|rest| format!("{dst}/{rest}")))
-                        .collect::<Vec<_>>()
+                // Names at and below the source move to the target (and back for an
+                // exchange); a name the rename replaced is gone.
+                let swap = |m: &str| -> Option<String> {
+                    let under = |m: &str, src: &str, dst: &str| {
+                        if m == src {
+                            Some(dst.to_string())
+                        } else {
+                            m.strip_prefix(&format!("{src}/"))
+                                .map(|rest| format!("{dst}/{rest}"))
+                        }
+                    };
+                    if let Some(n) = under(m, from, to) {
+                        return Some(n);
+                    }
+                    if exchange {
+                        return under(m, to, from).or_else(|| Some(m.to_string()));
+                    }
+                    let replaced = m == to.as_str() || m.starts_with(&format!("{to}/"));
+                    (!replaced).then(|| m.to_string())
                 };
-                let mut add = moved(&self.family, from, to);
-                if exchange {
-                    add.extend(moved(&self.family, to, from));
+                let mut family: std::collections::BTreeSet<String> =
+                    self.family.iter().filter_map(|m| swap(m)).collect();
+                if a {
+                    family.insert(to.clone());
                 }
-                self.family.extend(add);
+                if exchange && b {
+                    family.insert(from.clone());
+                }
+                self.family = family;
             }
             _ => {}
         }
