@@ -424,15 +424,23 @@ fn set_read_ahead(maj: u32, min: u32, kb: u32) {
     }
 }
 
-/// The `user_id=` of the FUSE mount at `mnt` (the uid that mounted it), from mountinfo.
-fn mount_owner(mnt: &std::path::Path) -> Option<u32> {
+/// The line of /proc/self/mountinfo for the mount at `mnt` (the topmost one there).
+fn mountinfo_line(mnt: &std::path::Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mnt.to_string_lossy();
-    let line = info.lines().rev().find(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|m| crate::options::unescape_mountinfo(m) == want)
-    })?;
+    info.lines()
+        .rev()
+        .find(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| crate::options::unescape_mountinfo(m) == want)
+        })
+        .map(str::to_owned)
+}
+
+/// The `user_id=` of the FUSE mount at `mnt` (the uid that mounted it), from mountinfo.
+fn mount_owner(mnt: &std::path::Path) -> Option<u32> {
+    let line = mountinfo_line(mnt)?;
     let (_, post) = line.split_once(" - ")?;
     post.split(' ')
         .nth(2)?
@@ -442,13 +450,7 @@ fn mount_owner(mnt: &std::path::Path) -> Option<u32> {
 
 /// The `major:minor` of the mount at `mnt`, read from /proc/self/mountinfo.
 pub(crate) fn mount_majmin(mnt: &std::path::Path) -> Option<(u32, u32)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mnt.to_string_lossy();
-    let line = info.lines().rev().find(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|m| crate::options::unescape_mountinfo(m) == want)
-    })?;
+    let line = mountinfo_line(mnt)?;
     let (maj, min) = line.split(' ').nth(2)?.split_once(':')?;
     Some((maj.parse().ok()?, min.parse().ok()?))
 }
