@@ -349,8 +349,9 @@ impl DaemonExit {
     /// Only sockets held by root or by the mount's owner (`user_id=`) count: another user
     /// squatting a name cannot make an unmount wait.
     pub fn watch(mnt: &std::path::Path) -> Option<DaemonExit> {
-        let (maj, min) = mount_majmin(mnt)?;
-        let owner = mount_owner(mnt);
+        let line = mountinfo_line(mnt)?;
+        let (maj, min) = majmin_of(&line)?;
+        let owner = owner_of(&line);
         let conns: Vec<_> = (0..EXIT_SLOTS)
             .filter_map(|slot| {
                 let addr = exit_socket(maj, min, slot).ok()?;
@@ -438,9 +439,8 @@ fn mountinfo_line(mnt: &std::path::Path) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The `user_id=` of the FUSE mount at `mnt` (the uid that mounted it), from mountinfo.
-fn mount_owner(mnt: &std::path::Path) -> Option<u32> {
-    let line = mountinfo_line(mnt)?;
+/// The `user_id=` (the uid that mounted it) of a FUSE mount's mountinfo line.
+fn owner_of(line: &str) -> Option<u32> {
     let (_, post) = line.split_once(" - ")?;
     post.split(' ')
         .nth(2)?
@@ -448,11 +448,15 @@ fn mount_owner(mnt: &std::path::Path) -> Option<u32> {
         .find_map(|o| o.strip_prefix("user_id=")?.parse().ok())
 }
 
-/// The `major:minor` of the mount at `mnt`, read from /proc/self/mountinfo.
-pub(crate) fn mount_majmin(mnt: &std::path::Path) -> Option<(u32, u32)> {
-    let line = mountinfo_line(mnt)?;
+/// The `major:minor` of a mountinfo line.
+fn majmin_of(line: &str) -> Option<(u32, u32)> {
     let (maj, min) = line.split(' ').nth(2)?.split_once(':')?;
     Some((maj.parse().ok()?, min.parse().ok()?))
+}
+
+/// The `major:minor` of the mount at `mnt`, read from /proc/self/mountinfo.
+pub(crate) fn mount_majmin(mnt: &std::path::Path) -> Option<(u32, u32)> {
+    majmin_of(&mountinfo_line(mnt)?)
 }
 
 /// Are we in the initial user namespace (where uid 0 holds real capabilities)?

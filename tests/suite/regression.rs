@@ -1911,12 +1911,7 @@ fn fd_opened_before_copy_up_reads_the_copy_as_kernel_overlayfs() {
 fn stratafs_umount_returns_once_the_daemon_has_exited() {
     use crate::util::mount::{daemon_pids, run_stratafs};
     let fx = Fixture::new(1);
-    let m = Mount::stratafs_env(
-        &fx.layers(),
-        &fx.mnt,
-        "",
-        &[("STRATAFS_FAILPOINT", "slow-exit:1500")],
-    );
+    let m = slow_exit_mount(&fx);
     assert!(!daemon_pids(&fx.mnt).is_empty(), "no daemon found");
     let t = std::time::Instant::now();
     let out = run_stratafs(&["umount".into(), fx.mnt.clone().into_os_string()], None);
@@ -2065,12 +2060,7 @@ fn stratafs_umount_ignores_an_exit_socket_held_by_another_user() {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener};
     let fx = Fixture::new(1);
-    let m = Mount::stratafs_env(
-        &fx.layers(),
-        &fx.mnt,
-        "",
-        &[("STRATAFS_FAILPOINT", "slow-exit:1500")],
-    );
+    let m = slow_exit_mount(&fx);
     let mnt = std::fs::canonicalize(&fx.mnt).expect("mountpoint");
     let dev = mount_info(&mnt).expect("mounted").major_minor;
     // The daemon holds slot 0; user 65534 takes slot 1 and keeps it until told to let go.
@@ -2109,4 +2099,14 @@ fn stratafs_umount_ignores_an_exit_socket_held_by_another_user() {
         took < std::time::Duration::from_secs(20),
         "umount waited {took:?}: it waited for the other user's socket"
     );
+}
+
+/// A stratafs mount of `fx` whose daemon outlives its unmount by 1.5 s (`slow-exit`).
+fn slow_exit_mount(fx: &Fixture) -> Mount {
+    Mount::stratafs_env(
+        &fx.layers(),
+        &fx.mnt,
+        "",
+        &[("STRATAFS_FAILPOINT", "slow-exit:1500")],
+    )
 }
